@@ -1,0 +1,149 @@
+"""Differentiable descriptors, pooling, specs and presets.
+
+A fingerprint function is built once per composition group and is a pure function
+of the positions: ``fn(positions [B, N, 3]) -> fingerprints [B, F]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._errors import StructreconError
+from ..structures import atoms_groups
+from ._spec import POOLINGS, FingerprintSpec, descriptor_kinds, register_descriptor
+from .acsf import ACSFSpec, acsf_fn, cosine_cutoff
+from .pooling import pool
+
+__all__ = [
+    "ACSFSpec",
+    "FingerprintSpec",
+    "POOLINGS",
+    "PRESETS",
+    "acsf_fn",
+    "cosine_cutoff",
+    "describe",
+    "descriptor_kinds",
+    "fingerprint_fn",
+    "load_spec",
+    "pool",
+    "preset",
+    "register_descriptor",
+]
+
+
+def _acsf_fung() -> FingerprintSpec:
+    """Fung 2022 Pt10 settings (StructRepGen example config), 190 per atom, 380 pooled."""
+    desc = ACSFSpec.from_dict(
+        {
+            "cutoff": 20.0,
+            "species": [78],
+            "g2": {
+                "eta": [0.01, 0.06, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 3.5, 5.0],
+                "rs": [0, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9, 10],
+            },
+            "g5": {"eta": [0.06, 0.1, 0.2, 0.4, 1.0], "zeta": [1, 2, 4, 16, 64], "lambda": [-1, 1]},
+        }
+    )
+    return FingerprintSpec(descriptor=desc, pooling="maxmin", name="acsf-fung")
+
+
+def _acsf_molecules() -> FingerprintSpec:
+    """General-purpose ACSF for organic molecules (H, C, N, O, F), summed per species."""
+    desc = ACSFSpec.from_dict(
+        {
+            "cutoff": 6.0,
+            "species": [1, 6, 7, 8, 9],
+            "g2": {"eta": [0.5, 2.0, 8.0], "rs": [0.9, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0]},
+            "g4": {"eta": [0.05, 0.3], "zeta": [1, 4], "lambda": [-1, 1]},
+        }
+    )
+    return FingerprintSpec(descriptor=desc, pooling="sum-species", name="acsf")
+
+
+#: preset name -> factory of the spec
+PRESETS = {
+    "acsf-fung": _acsf_fung,
+    "acsf": _acsf_molecules,
+}
+
+
+def preset(name: str) -> FingerprintSpec:
+    """The named preset spec; an unknown name is an error listing the valid ones."""
+    if name not in PRESETS:
+        raise StructreconError(
+            f"unknown descriptor preset '{name}'; valid: {', '.join(sorted(PRESETS))} "
+            "or a .toml file"
+        )
+    return PRESETS[name]()
+
+
+def load_spec(name_or_path: str | Path | FingerprintSpec) -> FingerprintSpec:
+    """A preset name, a TOML file path, or a spec (returned as is)."""
+    if isinstance(name_or_path, FingerprintSpec):
+        return name_or_path
+    text = str(name_or_path)
+    if text.endswith(".toml") or Path(text).is_file():
+        return FingerprintSpec.from_toml(text)
+    return preset(text)
+
+
+def fingerprint_fn(spec: FingerprintSpec, numbers, cell=None, pbc=None):
+    """Return ``fn(positions [B, N, 3]) -> [B, F]`` for one composition group.
+
+    Parameters
+    ----------
+    spec : fingerprint spec (descriptor + pooling).
+    numbers : [N] atomic numbers.
+    cell : [3, 3] Angstrom or None; pbc : three booleans or None.
+    """
+    per_atom = spec.descriptor.build(numbers, cell, pbc)
+    numbers = np.asarray(numbers)
+
+    def fn(positions: torch.Tensor) -> torch.Tensor:
+        return pool(per_atom(positions), spec.pooling, numbers, spec.species)
+
+    fn.n_features = spec.n_features
+    fn.spec = spec
+    return fn
+
+
+def check_cluster_connected(atoms, cutoff: float, name: str = "") -> None:
+    """Error if an atom of a cluster is beyond the cutoff of every other atom.
+
+    Such an atom's position is not encoded by a local descriptor at all.
+    """
+    if atoms.pbc.any() or len(atoms) < 2:
+        return
+    d = atoms.get_all_distances()
+    np.fill_diagonal(d, np.inf)
+    far = np.flatnonzero(d.min(axis=1) >= cutoff)
+    if far.size:
+        label = f"structure {name}: " if name else ""
+        raise StructreconError(
+            f"{label}atom {int(far[0])} is outside the {cutoff} A cutoff sphere of every "
+            "other atom, so the fingerprint does not encode its position"
+        )
+
+
+def describe(spec: FingerprintSpec | str, frames, *, dtype=torch.float64) -> np.ndarray:
+    """Fingerprints of a list of ``ase.Atoms``: [n_frames, F] float64.
+
+    Frames are grouped by composition and cell and each group is computed as one batch.
+    """
+    spec = load_spec(spec)
+    out = np.zeros((len(frames), spec.n_features))
+    for k, atoms in enumerate(frames):
+        if len(atoms) == 0:
+            raise StructreconError(f"frame {k} has no atoms")
+        check_cluster_connected(atoms, spec.descriptor.cutoff, str(k))
+    for (numbers, _, pbc), idx in atoms_groups(frames).items():
+        first = frames[idx[0]]
+        cell = first.cell.array if any(pbc) else None
+        fn = fingerprint_fn(spec, numbers, cell, pbc)
+        pos = torch.as_tensor(np.stack([frames[i].positions for i in idx]), dtype=dtype)
+        with torch.no_grad():
+            out[idx] = fn(pos).double().numpy()
+    return out

@@ -1,0 +1,36 @@
+"""Inversion: losses, strategies and the batched engine."""
+
+from .engine import Result, Target, invert, invert_iter, targets_from_fingerprints
+from .losses import LOSSES, Repulsion, fingerprint_rmsd, get_loss
+from .strategies import (
+    LBFGS,
+    STRATEGIES,
+    AdamHops,
+    NoisyGD,
+    Outcome,
+    Problem,
+    get_strategy,
+    lbfgs_polish,
+    random_positions,
+)
+
+__all__ = [
+    "AdamHops",
+    "LBFGS",
+    "LOSSES",
+    "NoisyGD",
+    "Outcome",
+    "Problem",
+    "Repulsion",
+    "Result",
+    "STRATEGIES",
+    "Target",
+    "fingerprint_rmsd",
+    "get_loss",
+    "get_strategy",
+    "invert",
+    "invert_iter",
+    "lbfgs_polish",
+    "random_positions",
+    "targets_from_fingerprints",
+]

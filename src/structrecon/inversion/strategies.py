@@ -1,0 +1,381 @@
+"""Inversion strategies: they receive a fingerprint function and targets, never the
+descriptor's hyperparameters, and run all trials of all targets as one batch.
+
+Each strategy is a frozen dataclass with a ``run(problem, generator)`` method that
+returns an :class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from ase.data import covalent_radii
+
+from .._errors import StructreconError
+from .losses import Repulsion, fingerprint_rmsd, get_loss
+
+__all__ = [
+    "AdamHops",
+    "LBFGS",
+    "NoisyGD",
+    "Outcome",
+    "Problem",
+    "STRATEGIES",
+    "get_strategy",
+    "lbfgs_polish",
+    "random_positions",
+]
+
+
+@dataclass
+class Problem:
+    """T targets of one composition group.
+
+    Attributes
+    ----------
+    fn : positions [B, N, 3] -> fingerprints [B, F].
+    targets : [T, F] target fingerprints (dtype of the optimisation).
+    numbers : [N] atomic numbers.
+    cell : [3, 3] Angstrom or None; pbc : three booleans.
+    starts : [T, N, 3] starting positions, or None for random starts.
+    repulsion : optional short-range term added to the loss.
+    tol : fingerprint RMSD under which a target counts as converged.
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    targets: torch.Tensor
+    numbers: np.ndarray
+    cell: np.ndarray | None = None
+    pbc: tuple = (False, False, False)
+    starts: torch.Tensor | None = None
+    repulsion: Repulsion | None = None
+    tol: float = 1e-4
+
+    @property
+    def n_targets(self) -> int:
+        """T."""
+        return self.targets.shape[0]
+
+
+@dataclass
+class Outcome:
+    """What a strategy returns for T targets.
+
+    positions [T, N, 3]; loss, fingerprint_rmsd [T] (numpy); trials [T] int (trials
+    started before the target converged or the budget ran out); history: per target,
+    the best loss after each optimiser step.
+    """
+
+    positions: torch.Tensor
+    loss: np.ndarray
+    fingerprint_rmsd: np.ndarray
+    trials: np.ndarray
+    history: list[list[float]] = field(default_factory=list)
+
+
+def random_positions(numbers, cell, pbc, n: int, generator: torch.Generator, dtype) -> torch.Tensor:
+    """n random structures [n, N, 3]: uniform in the cell if periodic, else in a sphere.
+
+    The sphere holds the atoms' covalent spheres at a packing fraction of 1/2:
+    radius = (2 sum_i r_i^3)^(1/3).
+    """
+    numbers = np.asarray(numbers)
+    n_atoms = len(numbers)
+    if cell is not None and any(pbc):
+        frac = torch.rand(n, n_atoms, 3, generator=generator, dtype=dtype)
+        return frac @ torch.as_tensor(cell, dtype=dtype)
+    radius = float((2.0 * np.sum(covalent_radii[numbers] ** 3)) ** (1.0 / 3.0))
+    direction = torch.randn(n, n_atoms, 3, generator=generator, dtype=dtype)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    r = radius * torch.rand(n, n_atoms, 1, generator=generator, dtype=dtype) ** (1.0 / 3.0)
+    return direction * r
+
+
+def _objective(problem: Problem, loss_fn, x: torch.Tensor, targets: torch.Tensor):
+    """Per-structure loss [B] and fingerprint RMSD [B] (the latter without grad)."""
+    pred = problem.fn(x)
+    loss = loss_fn(pred, targets)
+    if problem.repulsion is not None:
+        loss = loss + problem.repulsion(x)
+    return loss, fingerprint_rmsd(pred.detach(), targets)
+
+
+def lbfgs_polish(
+    problem: Problem,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int = 100,
+    loss: str = "mse",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-BFGS (strong Wolfe line search) on the summed loss of a batch.
+
+    Structures are independent, so the sum's minimum is each one's minimum.
+    Returns polished positions [B, N, 3] and their fingerprint RMSD [B]; a structure
+    whose RMSD got worse keeps its input positions.
+    """
+    loss_fn = get_loss(loss)
+    with torch.no_grad():
+        _, rmsd0 = _objective(problem, loss_fn, x, targets)
+    if steps <= 0:
+        return x, rmsd0
+    var = x.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [var],
+        lr=1.0,
+        max_iter=steps,
+        history_size=20,
+        tolerance_grad=1e-15,
+        tolerance_change=1e-20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        value, _ = _objective(problem, loss_fn, var, targets)
+        total = value.sum()
+        total.backward()
+        return total
+
+    try:
+        opt.step(closure)
+    except RuntimeError:  # a line search that met a non-finite value
+        return x, rmsd0
+    with torch.no_grad():
+        new = var.detach()
+        _, rmsd1 = _objective(problem, loss_fn, new, targets)
+    ok = torch.isfinite(rmsd1) & (rmsd1 < rmsd0)
+    return torch.where(ok[:, None, None], new, x), torch.where(ok, rmsd1, rmsd0)
+
+
+def _final(problem: Problem, loss: str, x: torch.Tensor, trials, history) -> Outcome:
+    with torch.no_grad():
+        value, rmsd = _objective(problem, get_loss(loss), x, problem.targets)
+    return Outcome(
+        positions=x.detach(),
+        loss=value.double().numpy(),
+        fingerprint_rmsd=rmsd.double().numpy(),
+        trials=np.asarray(trials, dtype=int),
+        history=history,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamHops:
+    """Fung 2022 Algorithm 1: random starts x noise hops with Adam, keep the lowest.
+
+    All ``trials`` starts of all targets are one batch.  Each hop runs ``steps`` Adam
+    steps on the loss (learning rate decaying geometrically from ``lr`` to
+    ``lr_final``), then the best trial of every target still open is polished with
+    L-BFGS; a target whose fingerprint RMSD falls below the problem's ``tol`` is done
+    and leaves the batch.  Otherwise Gaussian noise of ``hop_noise`` Angstrom is added
+    to every trial and the next hop starts.
+    """
+
+    trials: int = 10
+    hops: int = 5
+    steps: int = 300
+    lr: float = 0.05
+    lr_final: float = 0.002
+    hop_noise: float = 0.3
+    loss: str = "mae"
+    polish_steps: int = 60
+
+    name = "adam-hops"
+
+    def __post_init__(self):
+        _positive(self, "trials", "hops", "steps", "lr", "lr_final")
+        get_loss(self.loss)
+
+    def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
+        """Invert all targets of ``problem``."""
+        t_count, k = problem.n_targets, self.trials
+        dtype = problem.targets.dtype
+        if problem.starts is not None:
+            base = problem.starts.repeat_interleave(k, dim=0)
+            noise = torch.randn(base.shape, generator=generator, dtype=dtype) * self.hop_noise
+            noise[::k] = 0.0  # the first trial of each target starts exactly at its start
+            x = base + noise
+        else:
+            x = random_positions(
+                problem.numbers, problem.cell, problem.pbc, t_count * k, generator, dtype
+            )
+        x = x.reshape(t_count, k, *x.shape[1:])
+        best_x = problem.starts.clone() if problem.starts is not None else x[:, 0].clone()
+        best_rmsd = torch.full((t_count,), math.inf, dtype=dtype)
+        history: list[list[float]] = [[] for _ in range(t_count)]
+        active = torch.ones(t_count, dtype=torch.bool)
+        loss_fn = get_loss(self.loss)
+        gamma = (self.lr_final / self.lr) ** (1.0 / max(self.steps - 1, 1))
+        for hop in range(self.hops):
+            idx = torch.nonzero(active).flatten()
+            if idx.numel() == 0:
+                break
+            targets = problem.targets[idx].repeat_interleave(k, dim=0)
+            var = x[idx].reshape(-1, *x.shape[2:]).clone().requires_grad_(True)
+            opt = torch.optim.Adam([var], lr=self.lr)
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+            trial_best = torch.full((var.shape[0],), math.inf, dtype=dtype)
+            trial_x = var.detach().clone()
+            for _ in range(self.steps):
+                opt.zero_grad()
+                value, rmsd = _objective(problem, loss_fn, var, targets)
+                value.sum().backward()
+                with torch.no_grad():
+                    better = rmsd < trial_best
+                    trial_best = torch.where(better, rmsd, trial_best)
+                    trial_x = torch.where(better[:, None, None], var.detach(), trial_x)
+                    per_target = value.detach().reshape(len(idx), k).min(dim=1).values
+                    for n, t in enumerate(idx.tolist()):
+                        history[t].append(float(per_target[n]))
+                opt.step()
+                sched.step()
+            with torch.no_grad():
+                x[idx] = var.detach().reshape(len(idx), k, *x.shape[2:])
+                tb = trial_best.reshape(len(idx), k)
+                pick = tb.argmin(dim=1)
+                cand = trial_x.reshape(len(idx), k, *x.shape[2:])[torch.arange(len(idx)), pick]
+            cand, cand_rmsd = lbfgs_polish(
+                problem, cand, problem.targets[idx], steps=self.polish_steps
+            )
+            with torch.no_grad():
+                improve = cand_rmsd < best_rmsd[idx]
+                best_rmsd[idx] = torch.where(improve, cand_rmsd, best_rmsd[idx])
+                best_x[idx] = torch.where(improve[:, None, None], cand, best_x[idx])
+                done = best_rmsd[idx] < problem.tol
+                active[idx[done]] = False
+                x[idx] = x[idx] + self.hop_noise * torch.randn(
+                    x[idx].shape, generator=generator, dtype=dtype
+                )
+        trials = np.full(t_count, k)
+        return _final(problem, self.loss, best_x, trials, history)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoisyGD:
+    """Cobelli 2022 eq. 3: r <- r - gamma grad L + eta exp(-nu n) epsilon.
+
+    epsilon is drawn independently per coordinate, uniform in [-1/2, 1/2): zero mean.
+    (The paper's [0, 1] noise, applied as coded to all three coordinates alike, makes
+    the molecule drift along (1, 1, 1); see ANCHORS.md.)  Starts from the problem's
+    start structures (random starts if none).  Converged structures stop moving;
+    the run ends when all have converged or after ``iterations``.  An optional
+    L-BFGS polish follows.
+    """
+
+    gamma: float = 4e-8
+    eta: float = 1e-2
+    nu: float = 1e-3
+    iterations: int = 50_000
+    loss: str = "sse"
+    trials: int = 1
+    check_every: int = 50
+    polish_steps: int = 0
+
+    name = "noisy-gd"
+
+    def __post_init__(self):
+        _positive(self, "gamma", "iterations", "trials", "check_every")
+        if self.eta < 0 or self.nu < 0:
+            raise StructreconError("noisy-gd needs eta >= 0 and nu >= 0")
+        get_loss(self.loss)
+
+    def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
+        """Invert all targets of ``problem``."""
+        t_count, k = problem.n_targets, self.trials
+        dtype = problem.targets.dtype
+        if problem.starts is not None:
+            x = problem.starts.repeat_interleave(k, dim=0).clone()
+        else:
+            x = random_positions(
+                problem.numbers, problem.cell, problem.pbc, t_count * k, generator, dtype
+            )
+        targets = problem.targets.repeat_interleave(k, dim=0)
+        loss_fn = get_loss(self.loss)
+        moving = torch.ones(x.shape[0], dtype=torch.bool)
+        history: list[list[float]] = [[] for _ in range(t_count)]
+        for n in range(self.iterations):
+            var = x.clone().requires_grad_(True)
+            value, rmsd = _objective(problem, loss_fn, var, targets)
+            (grad,) = torch.autograd.grad(value.sum(), var)
+            with torch.no_grad():
+                noise = torch.rand(x.shape, generator=generator, dtype=dtype) - 0.5
+                step = -self.gamma * grad + self.eta * math.exp(-self.nu * n) * noise
+                x = torch.where(moving[:, None, None], x + step, x)
+                per_target = value.reshape(t_count, k).min(dim=1).values
+                for t in range(t_count):
+                    history[t].append(float(per_target[t]))
+                if n % self.check_every == 0:
+                    moving &= ~(rmsd < problem.tol)
+                    if not moving.any():
+                        break
+        with torch.no_grad():
+            _, rmsd = _objective(problem, loss_fn, x, targets)
+        pick = rmsd.reshape(t_count, k).argmin(dim=1)
+        best = x.reshape(t_count, k, *x.shape[1:])[torch.arange(t_count), pick]
+        best, _ = lbfgs_polish(problem, best, problem.targets, steps=self.polish_steps)
+        return _final(problem, self.loss, best, np.full(t_count, k), history)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LBFGS:
+    """L-BFGS from the start structures (or random starts), ``trials`` per target."""
+
+    trials: int = 1
+    steps: int = 500
+    start_noise: float = 0.0
+    loss: str = "mse"
+
+    name = "lbfgs"
+
+    def __post_init__(self):
+        _positive(self, "trials", "steps")
+        get_loss(self.loss)
+
+    def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
+        """Invert all targets of ``problem``."""
+        t_count, k = problem.n_targets, self.trials
+        dtype = problem.targets.dtype
+        if problem.starts is not None:
+            x = problem.starts.repeat_interleave(k, dim=0).clone()
+            x = x + self.start_noise * torch.randn(x.shape, generator=generator, dtype=dtype)
+        else:
+            x = random_positions(
+                problem.numbers, problem.cell, problem.pbc, t_count * k, generator, dtype
+            )
+        targets = problem.targets.repeat_interleave(k, dim=0)
+        x, rmsd = lbfgs_polish(problem, x, targets, steps=self.steps, loss=self.loss)
+        pick = rmsd.reshape(t_count, k).argmin(dim=1)
+        best = x.reshape(t_count, k, *x.shape[1:])[torch.arange(t_count), pick]
+        return _final(problem, self.loss, best, np.full(t_count, k), [[] for _ in range(t_count)])
+
+
+def _positive(obj, *names):
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise StructreconError(f"{obj.name}: {name} must be positive, got {getattr(obj, name)}")
+
+
+#: method name -> strategy class
+STRATEGIES = {cls.name: cls for cls in (AdamHops, NoisyGD, LBFGS)}
+
+
+def get_strategy(method: str, **options):
+    """Build the strategy ``method`` with ``options``; unknown names/options are errors."""
+    if method not in STRATEGIES:
+        raise StructreconError(
+            f"unknown method '{method}'; valid: {', '.join(sorted(STRATEGIES))}"
+        )
+    cls = STRATEGIES[method]
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise StructreconError(
+            f"method '{method}' has no option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+        )
+    return cls(**options)

@@ -1,0 +1,142 @@
+"""Structures as tensors, and the geometry every descriptor is built on.
+
+A *composition group* is a set of structures with the same atomic numbers in the
+same order, the same cell and the same periodicity: trials and targets of one
+inversion.  Inside a group only the positions change, so descriptors are built
+once per group (see :func:`structrecon.descriptors.fingerprint_fn`) and then
+evaluated on a batch of positions ``[B, N, 3]``.
+
+Periodic images are handled densely: every neighbour *slot* is an (atom, lattice
+shift) pair, and the cutoff function removes slots out of range.  This keeps the
+whole computation a differentiable tensor expression in the positions (and the
+cell) with no neighbour-list rebuilds during an optimisation; the set of shifts
+only depends on the cell and the cutoff.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._errors import StructreconError
+
+__all__ = ["Geometry", "lattice_shifts", "neighbour_geometry", "atoms_groups"]
+
+
+def lattice_shifts(cell: np.ndarray | None, pbc, cutoff: float) -> np.ndarray:
+    """Integer lattice shifts needed to see every image within ``cutoff``.
+
+    Parameters
+    ----------
+    cell : [3, 3] array, Angstrom (rows are lattice vectors), or None for a cluster.
+    pbc : three booleans.
+    cutoff : float, Angstrom.
+
+    Returns
+    -------
+    [S, 3] int array; the first row is the zero shift.  Positions are wrapped
+    into the cell before use, so one extra shell on each side is included.
+    """
+    pbc = np.asarray(pbc if pbc is not None else [False] * 3, dtype=bool)
+    if cell is None or not pbc.any():
+        return np.zeros((1, 3), dtype=np.int64)
+    cell = np.asarray(cell, dtype=float)
+    volume = abs(np.linalg.det(cell))
+    if volume < 1e-8:
+        raise StructreconError("periodic structure has a cell of zero volume")
+    ranges = []
+    for d in range(3):
+        if not pbc[d]:
+            ranges.append([0])
+            continue
+        a, b = cell[(d + 1) % 3], cell[(d + 2) % 3]
+        width = volume / np.linalg.norm(np.cross(a, b))
+        n = int(math.ceil(cutoff / width)) + 1
+        ranges.append(range(-n, n + 1))
+    shifts = sorted(itertools.product(*ranges), key=lambda s: (s != (0, 0, 0), s))
+    return np.asarray(shifts, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Neighbour geometry of a batch, for one composition group.
+
+    Attributes
+    ----------
+    vectors : [B, N, M, 3] displacement r_j + shift - r_i for slot m = (j, shift), Angstrom.
+    distances : [B, N, M], Angstrom; slots that are not neighbours hold ``2 * cutoff``.
+    valid : [N, M] bool, False for an atom paired with itself at zero shift.
+    neighbour : [M] long, the atom index j of each slot.
+    """
+
+    vectors: torch.Tensor
+    distances: torch.Tensor
+    valid: torch.Tensor
+    neighbour: torch.Tensor
+
+
+def neighbour_geometry(
+    positions: torch.Tensor,
+    cell: torch.Tensor | None,
+    pbc,
+    shifts: np.ndarray,
+    cutoff: float,
+) -> Geometry:
+    """Displacements and distances to every neighbour slot.
+
+    Parameters
+    ----------
+    positions : [B, N, 3], Angstrom.
+    cell : [3, 3] (rows are lattice vectors) or None for a cluster.
+    pbc : three booleans.
+    shifts : [S, 3] integer shifts from :func:`lattice_shifts`.
+    cutoff : float, Angstrom; used only to fill non-neighbour slots.
+    """
+    n_atoms = positions.shape[1]
+    n_shifts = shifts.shape[0]
+    if n_shifts > 1:
+        pbc_t = torch.as_tensor(np.asarray(pbc, dtype=bool), device=positions.device)
+        frac = positions @ torch.linalg.inv(cell)
+        # wrap periodic directions into [0, 1); floor carries no gradient
+        frac = torch.where(pbc_t, frac - torch.floor(frac).detach(), frac)
+        positions = frac @ cell
+        shift_vec = torch.as_tensor(shifts, dtype=positions.dtype, device=positions.device) @ cell
+        # [B, N(i), S, N(j), 3] -> slots ordered (shift, j)
+        vec = (
+            positions[:, None, None, :, :]
+            + shift_vec[None, None, :, None, :]
+            - positions[:, :, None, None, :]
+        )
+        vec = vec.reshape(positions.shape[0], n_atoms, n_shifts * n_atoms, 3)
+    else:
+        vec = positions[:, None, :, :] - positions[:, :, None, :]
+    neighbour = torch.arange(n_atoms, device=positions.device).repeat(n_shifts)
+    valid = torch.ones(n_atoms, n_shifts * n_atoms, dtype=torch.bool, device=positions.device)
+    valid[torch.arange(n_atoms), torch.arange(n_atoms)] = False  # self at zero shift
+    # distances with a safe value for the self slot, so gradients stay finite
+    safe = torch.where(valid[None, :, :, None], vec, torch.full_like(vec, 2.0 * cutoff))
+    distances = torch.linalg.norm(safe, dim=-1)
+    distances = torch.where(valid[None], distances, torch.full_like(distances, 2.0 * cutoff))
+    return Geometry(vectors=safe, distances=distances, valid=valid, neighbour=neighbour)
+
+
+def atoms_groups(frames) -> dict[tuple, list[int]]:
+    """Group frame indices by (atomic numbers, cell, pbc), preserving order."""
+    groups: dict[tuple, list[int]] = {}
+    for k, atoms in enumerate(frames):
+        key = group_key(atoms.numbers, atoms.cell.array if atoms.pbc.any() else None, atoms.pbc)
+        groups.setdefault(key, []).append(k)
+    return groups
+
+
+def group_key(numbers, cell, pbc) -> tuple:
+    """Hashable key of a composition group."""
+    pbc = tuple(bool(p) for p in np.asarray(pbc if pbc is not None else [False] * 3))
+    cell_key = None
+    if cell is not None and any(pbc):
+        cell_key = tuple(np.round(np.asarray(cell, dtype=float).ravel(), 8))
+    return (tuple(int(z) for z in numbers), cell_key, pbc)
