@@ -183,7 +183,8 @@ def acsf_fn(spec: ACSFSpec, numbers, cell=None, pbc=None):
     ----------
     spec : the ACSF specification.
     numbers : [N] atomic numbers (fixed for the group).
-    cell : [3, 3] Angstrom, rows are lattice vectors, or None for a cluster.
+    cell : [3, 3] Angstrom, rows are lattice vectors, or None for a cluster; a
+        tensor that requires grad makes the features differentiable in the cell.
     pbc : three booleans (None: no periodicity).
 
     The function is differentiable in the positions; dtype and device follow them.
@@ -196,7 +197,8 @@ def acsf_fn(spec: ACSFSpec, numbers, cell=None, pbc=None):
             f"(species {list(spec.species)})"
         )
     pbc_arr = np.zeros(3, dtype=bool) if pbc is None else np.asarray(pbc, dtype=bool)
-    shifts = lattice_shifts(cell, pbc_arr, spec.cutoff)
+    cell_np = cell.detach().cpu().numpy() if isinstance(cell, torch.Tensor) else cell
+    shifts = lattice_shifts(cell_np, pbc_arr, spec.cutoff)
     n_atoms = len(numbers)
     n_species = len(spec.species)
     species_index = np.searchsorted(np.asarray(spec.species), numbers)
@@ -213,6 +215,7 @@ def acsf_fn(spec: ACSFSpec, numbers, cell=None, pbc=None):
             raise ValueError(f"positions must be [B, {n_atoms}, 3], got {tuple(positions.shape)}")
         dtype, device = positions.dtype, positions.device
         cell_t = None if cell is None else torch.as_tensor(cell, dtype=dtype, device=device)
+        # a cell tensor that requires grad stays in the graph (strain derivatives)
         geo = neighbour_geometry(positions, cell_t, pbc_arr, shifts, cutoff)
         r = geo.distances  # [B, N, M]
         fc = cosine_cutoff(r, cutoff)  # invalid slots are at 2 r_c -> 0
@@ -224,8 +227,9 @@ def acsf_fn(spec: ACSFSpec, numbers, cell=None, pbc=None):
             radial = torch.exp(-eta * (r[..., None] - rs) ** 2) * fc[..., None]  # [B,N,M,P]
             parts.append(torch.einsum("bimp,ms->bisp", radial, onehot).flatten(2))
         if len(g4) or len(g5):
-            unit = geo.vectors / r[..., None]
-            cos = torch.einsum("bijx,bikx->bijk", unit, unit)
+            # non-neighbour slots get a zero unit vector, so their cos is 0, not 3
+            unit = geo.vectors / r[..., None] * geo.valid[None, :, :, None]
+            cos = torch.einsum("bijx,bikx->bijk", unit, unit).clamp(-1.0, 1.0)
             offdiag = 1.0 - torch.eye(r.shape[-1], dtype=dtype, device=device)
             for params, with_jk in ((g4, True), (g5, False)):
                 if len(params):

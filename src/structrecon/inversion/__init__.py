@@ -11,6 +11,7 @@ from .strategies import (
     Problem,
     get_strategy,
     lbfgs_polish,
+    lm_polish,
     random_positions,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "invert",
     "invert_iter",
     "lbfgs_polish",
+    "lm_polish",
     "random_positions",
     "targets_from_fingerprints",
 ]

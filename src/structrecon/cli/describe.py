@@ -1,0 +1,59 @@
+"""Compute the fingerprint of every structure in INPUT and write a fingerprint file.
+
+The file stores names, atomic numbers, cells, periodicity and fingerprints, never
+positions (see the README for its layout).  Scalar numeric ``info`` keys of the
+frames (an energy, say) are kept as properties.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+
+def add_arguments(p):
+    """Arguments of ``structrecon describe``."""
+    p.add_argument("input", help="structure file ASE reads (one or many frames)")
+    p.add_argument(
+        "-d",
+        "--descriptor",
+        required=True,
+        metavar="SPEC",
+        help="preset name (acsf-fung, acsf) or a TOML spec file",
+    )
+    p.add_argument("-o", "--output", required=True, help="fingerprint file to write (.npz)")
+
+
+def run(args) -> int:
+    """Describe and write."""
+    import numpy as np
+
+    from ..descriptors import describe, load_spec
+    from ..fingerprints import FingerprintSet, write_fingerprints
+    from ._io import frame_name, read_frames
+
+    spec = load_spec(args.descriptor)
+    frames = read_frames(args.input)
+    fps = describe(spec, frames)
+    keys = set.intersection(
+        *[
+            {k for k, v in a.info.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+            for a in frames
+        ]
+    )
+    fset = FingerprintSet(
+        spec=spec,
+        names=[frame_name(a, args.input, k) for k, a in enumerate(frames)],
+        numbers=[a.numbers.copy() for a in frames],
+        cells=np.stack([a.cell.array for a in frames]),
+        pbc=np.stack([a.pbc for a in frames]),
+        fingerprints=fps,
+        properties={k: np.asarray([a.info[k] for a in frames], dtype=float) for k in sorted(keys)},
+    )
+    fset.validate()
+    output = args.output if args.output.endswith(".npz") else args.output + ".npz"
+    write_fingerprints(output, fset)
+    print(
+        f"wrote {len(frames)} fingerprint(s) of {fps.shape[1]} values "
+        f"({spec.name or spec.descriptor.kind}) to {output}"
+    )
+    return 0
