@@ -71,6 +71,9 @@ class Geometry:
     distances : [B, N, M], Angstrom; slots that are not neighbours hold ``2 * cutoff``.
     valid : [N, M] bool, False for an atom paired with itself at zero shift.
     neighbour : [M] long, the atom index j of each slot.
+
+    For periodic structures M counts only the slots within the cutoff of some atom
+    in the batch; for clusters M = N.
     """
 
     vectors: torch.Tensor
@@ -112,11 +115,20 @@ def neighbour_geometry(
             - positions[:, :, None, None, :]
         )
         vec = vec.reshape(positions.shape[0], n_atoms, n_shifts * n_atoms, 3)
+        # keep only the slots (j, shift) within the cutoff of some centre in some
+        # structure of the batch; the others contribute exactly zero.  Indices are
+        # chosen without gradient, so this is a neighbour list rebuilt at every call.
+        with torch.no_grad():
+            near = torch.linalg.norm(vec.detach(), dim=-1) < cutoff
+            keep = torch.nonzero(near.any(dim=0).any(dim=0)).flatten()
+        keep = torch.unique(torch.cat([torch.arange(n_atoms, device=keep.device), keep]))
+        vec = vec[:, :, keep]
     else:
         vec = positions[:, None, :, :] - positions[:, :, None, :]
-    neighbour = torch.arange(n_atoms, device=positions.device).repeat(n_shifts)
-    valid = torch.ones(n_atoms, n_shifts * n_atoms, dtype=torch.bool, device=positions.device)
-    valid[torch.arange(n_atoms), torch.arange(n_atoms)] = False  # self at zero shift
+        keep = torch.arange(n_atoms, device=positions.device)
+    neighbour = keep % n_atoms
+    # slot m is atom j = m % N at shift m // N; the self slot is j == i at shift 0
+    valid = ~((keep[None, :] == torch.arange(n_atoms, device=keep.device)[:, None]))
     # distances with a safe value for the self slot, so gradients stay finite
     safe = torch.where(valid[None, :, :, None], vec, torch.full_like(vec, 2.0 * cutoff))
     distances = torch.linalg.norm(safe, dim=-1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 def add_arguments(p):
     """Arguments of ``structrecon describe``."""
@@ -25,8 +27,6 @@ def add_arguments(p):
 
 def run(args) -> int:
     """Describe and write."""
-    import numpy as np
-
     from ..descriptors import describe, load_spec
     from ..fingerprints import FingerprintSet, write_fingerprints
     from ._io import frame_name, read_frames
@@ -34,12 +34,8 @@ def run(args) -> int:
     spec = load_spec(args.descriptor)
     frames = read_frames(args.input)
     fps = describe(spec, frames)
-    keys = set.intersection(
-        *[
-            {k for k, v in a.info.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
-            for a in frames
-        ]
-    )
+    props = [_scalar_properties(a) for a in frames]
+    keys = set.intersection(*[set(p) for p in props])
     fset = FingerprintSet(
         spec=spec,
         names=[frame_name(a, args.input, k) for k, a in enumerate(frames)],
@@ -47,7 +43,7 @@ def run(args) -> int:
         cells=np.stack([a.cell.array for a in frames]),
         pbc=np.stack([a.pbc for a in frames]),
         fingerprints=fps,
-        properties={k: np.asarray([a.info[k] for a in frames], dtype=float) for k in sorted(keys)},
+        properties={k: np.asarray([p[k] for p in props], dtype=float) for k in sorted(keys)},
     )
     fset.validate()
     output = args.output if args.output.endswith(".npz") else args.output + ".npz"
@@ -57,3 +53,17 @@ def run(args) -> int:
         f"({spec.name or spec.descriptor.kind}) to {output}"
     )
     return 0
+
+
+def _scalar_properties(atoms) -> dict[str, float]:
+    """Scalar numbers of a frame: its info keys and a stored calculator's energy."""
+    out = {
+        k: float(v)
+        for k, v in atoms.info.items()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool)
+    }
+    results = getattr(atoms.calc, "results", {}) or {}
+    for key in ("energy", "free_energy"):
+        if key in results and np.ndim(results[key]) == 0:
+            out.setdefault(key, float(results[key]))
+    return out

@@ -36,8 +36,8 @@ def add_arguments(p):
         "--attempts", type=int, help="random starts (trials) per target (adam-hops: 10)"
     )
     p.add_argument("--hops", type=int, help="noise hops per trial (adam-hops: 5)")
-    p.add_argument("--steps", type=int, help="optimiser steps per hop (adam-hops: 150)")
-    p.add_argument("--lr", type=float, help="Adam learning rate, Angstrom (adam-hops: 0.05)")
+    p.add_argument("--steps", type=int, help="optimiser steps per hop (adam-hops: 100)")
+    p.add_argument("--lr", type=float, help="Adam learning rate, Angstrom (adam-hops: 0.1)")
     p.add_argument("--iterations", type=int, help="noisy-gd iterations (50000)")
     p.add_argument("--start", help="start structure(s): one frame, or one per target")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -203,7 +203,6 @@ def acsf_fn(spec: ACSFSpec, numbers, cell=None, pbc=None):
     n_species = len(spec.species)
     species_index = np.searchsorted(np.asarray(spec.species), numbers)
     onehot_atoms = np.eye(n_species)[species_index]  # [N, S]
-    onehot_slots = np.tile(onehot_atoms, (shifts.shape[0], 1))  # [M, S]
     pair_rows, pair_cols = np.triu_indices(n_species)
     g2 = np.asarray(spec.g2).reshape(-1, 2)
     g4 = np.asarray(spec.g4).reshape(-1, 3)
@@ -219,7 +218,8 @@ def acsf_fn(spec: ACSFSpec, numbers, cell=None, pbc=None):
         geo = neighbour_geometry(positions, cell_t, pbc_arr, shifts, cutoff)
         r = geo.distances  # [B, N, M]
         fc = cosine_cutoff(r, cutoff)  # invalid slots are at 2 r_c -> 0
-        onehot = torch.as_tensor(onehot_slots, dtype=dtype, device=device)
+        # species one-hot of each neighbour slot: [M, S]
+        onehot = torch.as_tensor(onehot_atoms, dtype=dtype, device=device)[geo.neighbour]
         parts = []
         if len(g2):
             eta = torch.as_tensor(g2[:, 0], dtype=dtype, device=device)

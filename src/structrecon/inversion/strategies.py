@@ -186,7 +186,12 @@ def lm_polish(
     def single(p, t):
         return problem.fn(p[None])[0] - t
 
-    jac = vmap(jacfwd(single), in_dims=(0, 0))
+    if problem.cell is not None and any(problem.pbc):
+        # periodic neighbour slots are chosen from the data, which vmap cannot batch
+        def jac(xs, ts):
+            return torch.stack([jacfwd(single)(p, t) for p, t in zip(xs, ts)])
+    else:
+        jac = vmap(jacfwd(single), in_dims=(0, 0))
     with torch.no_grad():
         res = problem.fn(x) - targets
     cost = (res**2).sum(-1)
@@ -257,8 +262,8 @@ class AdamHops:
 
     trials: int = 10
     hops: int = 5
-    steps: int = 150
-    lr: float = 0.05
+    steps: int = 100
+    lr: float = 0.1
     lr_final: float = 0.002
     hop_noise: float = 0.3
     loss: str = "mae"
@@ -330,18 +335,12 @@ class AdamHops:
                 pick = trial_best.reshape(m, k).argsort(dim=1)[:, :top]  # [m, top]
                 cand = trial_x.to(dtype).reshape(m, k, *x.shape[2:])
                 cand = cand[torch.arange(m)[:, None], pick].reshape(m * top, *x.shape[2:])
-            import os, time as _t
-            _t0 = _t.perf_counter()
-            if os.environ.get("SR_DEBUG"):
-                print("hop", _hop, "active", m, "adam best", trial_best.reshape(m, k).min(1).values.tolist()[:4], flush=True)
             cand, cand_rmsd = lm_polish(
                 problem,
                 cand,
                 problem.targets[idx].repeat_interleave(top, dim=0),
                 steps=self.polish_steps,
             )
-            if os.environ.get("SR_DEBUG"):
-                print("lm", _t.perf_counter() - _t0, cand_rmsd.tolist()[:6], flush=True)
             with torch.no_grad():
                 cand_rmsd, which = cand_rmsd.reshape(m, top).min(dim=1)
                 cand = cand.reshape(m, top, *x.shape[2:])[torch.arange(m), which]

@@ -1,0 +1,164 @@
+"""Inversion strategies, losses and the engine, on small real problems."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from structrecon import StructreconError
+from structrecon.data import relaxed_clusters
+from structrecon.descriptors import ACSFSpec, FingerprintSpec, describe, fingerprint_fn, preset
+from structrecon.evaluate import structure_rmsd
+from structrecon.inversion import (
+    AdamHops,
+    NoisyGD,
+    Problem,
+    Repulsion,
+    Target,
+    get_strategy,
+    invert,
+    lbfgs_polish,
+    lm_polish,
+)
+
+
+def pt_targets(n_clusters, n_atoms, seed=0):
+    frames = relaxed_clusters(n_clusters, n_atoms=n_atoms, seed=seed)
+    fps = describe("acsf-fung", frames)
+    targets = [
+        Target(name=a.info["name"], numbers=a.numbers, fingerprint=fps[k])
+        for k, a in enumerate(frames)
+    ]
+    return frames, targets
+
+
+def test_adam_hops_recovers_small_pt_clusters():
+    frames, targets = pt_targets(2, 6, seed=5)
+    results = invert(targets, "acsf-fung", AdamHops(trials=6, hops=3, steps=100), seed=1)
+    assert [r.name for r in results] == [t.name for t in targets]
+    for ref, res in zip(frames, results):
+        assert res.converged and res.fingerprint_rmsd < 1e-4
+        assert structure_rmsd(ref, res.atoms) < 0.05
+        assert res.seconds > 0 and res.trials == 6 and len(res.history) >= 100
+        # the loss history is the best loss of the batch at each step: it went down
+        assert min(res.history) < res.history[0]
+
+
+def test_seed_makes_runs_reproducible():
+    _, targets = pt_targets(1, 5, seed=2)
+    strategy = AdamHops(trials=3, hops=1, steps=20)
+    a = invert(targets, "acsf-fung", strategy, seed=7)[0]
+    b = invert(targets, "acsf-fung", strategy, seed=7)[0]
+    c = invert(targets, "acsf-fung", strategy, seed=8)[0]
+    np.testing.assert_array_equal(a.atoms.positions, b.atoms.positions)
+    assert not np.allclose(a.atoms.positions, c.atoms.positions)
+
+
+def test_lm_polish_converges_where_lbfgs_stalls():
+    frames, targets = pt_targets(2, 8, seed=3)
+    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
+    fps = torch.tensor(np.stack([t.fingerprint for t in targets]))
+    prob = Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.tensor(np.stack([a.positions for a in frames]))
+    x0 = x0 + 0.03 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    _, r_lm = lm_polish(prob, x0, fps, steps=40)
+    _, r_lbfgs = lbfgs_polish(prob, x0, fps, steps=100)
+    assert (r_lm < 1e-5).all()
+    assert (r_lm < 0.1 * r_lbfgs).all()
+
+
+def test_lbfgs_polish_never_worsens(rng):
+    frames, targets = pt_targets(1, 5, seed=4)
+    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
+    fps = torch.tensor(targets[0].fingerprint[None])
+    prob = Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
+    x0 = torch.tensor(frames[0].positions[None] + rng.normal(size=(1, 5, 3)) * 0.05)
+    with torch.no_grad():
+        r0 = ((fn(x0) - fps) ** 2).mean().sqrt()
+    _, r1 = lbfgs_polish(prob, x0, fps, steps=30)
+    assert r1[0] < r0
+
+
+def planar_problem():
+    """A non-planar target and a planar start (Cobelli Fig. 1)."""
+    target = molecule("CH4")
+    start = target.copy()
+    start.positions[:, 2] = 0.0
+    spec = FingerprintSpec(
+        descriptor=ACSFSpec(cutoff=5.0, species=[1, 6], g2=[[0.5, 1.0], [2.0, 1.5]],
+                            g4=[[0.1, 1, 1], [0.1, 1, -1], [0.3, 2, 1]]),
+        pooling="sum-species",
+    )
+    fp = describe(spec, [target])[0]
+    t = Target(name="ch4", numbers=target.numbers, fingerprint=fp, start=start.positions)
+    return spec, t
+
+
+def test_noisy_gd_without_noise_stays_planar_and_noise_breaks_it():
+    spec, target = planar_problem()
+    flat = invert([target], spec, NoisyGD(gamma=1e-3, eta=0.0, iterations=200))[0]
+    assert np.abs(flat.atoms.positions[:, 2]).max() < 1e-12
+    noisy = invert([target], spec, NoisyGD(gamma=1e-3, eta=1e-2, nu=1e-2, iterations=200))[0]
+    assert np.abs(noisy.atoms.positions[:, 2]).max() > 1e-3
+    # noise is zero-mean: no systematic drift of the centre of mass along (1, 1, 1)
+    drift = noisy.atoms.positions.mean(axis=0) - target.start.mean(axis=0)
+    assert np.abs(drift).max() < 0.05
+
+
+def test_noisy_gd_lowers_the_loss():
+    spec, target = planar_problem()
+    result = invert([target], spec, NoisyGD(gamma=1e-3, eta=1e-2, nu=1e-2, iterations=300))[0]
+    assert result.history[-1] < 0.5 * result.history[0]
+
+
+def test_repulsion_is_smooth_at_r_min_and_repulsive_inside():
+    rep = Repulsion(r_min=1.0)
+    r = torch.tensor([0.5, 0.99, 0.999999, 1.0, 1.5], dtype=torch.float64)
+    pos = torch.zeros(len(r), 2, 3, dtype=torch.float64)
+    pos[:, 1, 0] = r
+    pos.requires_grad_(True)
+    e = rep(pos)
+    (g,) = torch.autograd.grad(e.sum(), pos)
+    e = e.detach()
+    assert e[0] > e[1] > 0
+    assert abs(float(e[2])) < 1e-9 and float(e[3]) == 0.0 and float(e[4]) == 0.0
+    assert abs(float(g[2, 1, 0])) < 1e-4  # dE/dr -> 0 at r_min
+    x = (torch.rand(2, 4, 3, dtype=torch.float64) * 1.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(rep, (x,))
+
+
+def test_unknown_method_and_option_are_named():
+    with pytest.raises(StructreconError, match="valid: adam-hops, lbfgs, noisy-gd"):
+        get_strategy("simplex")
+    with pytest.raises(StructreconError, match="no option.*iterations"):
+        get_strategy("adam-hops", iterations=5)
+
+
+def test_wrong_fingerprint_length_is_an_error():
+    t = Target(name="x", numbers=np.array([78, 78]), fingerprint=np.zeros(10))
+    with pytest.raises(StructreconError, match="does not match"):
+        invert([t], "acsf-fung")
+
+
+def test_periodic_target_is_recovered_from_a_rattled_start():
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.15, seed=1)
+    spec = FingerprintSpec(
+        descriptor=ACSFSpec.from_dict(
+            {"cutoff": 4.5, "species": [29],
+             "g2": {"eta": [2.0, 0.5], "rs": [2.2, 2.6, 3.0, 3.4, 3.8, 4.2]},
+             "g5": {"eta": [0.1], "zeta": [1, 4], "lambda": [-1, 1]}}
+        ),
+        pooling="maxmin",
+    )
+    fp = describe(spec, [atoms])[0]
+    start = atoms.positions + np.random.default_rng(0).normal(size=atoms.positions.shape) * 0.05
+    t = Target(name="cu", numbers=atoms.numbers, fingerprint=fp, cell=atoms.cell.array,
+               pbc=(True, True, True), start=start)
+    res = invert([t], spec, AdamHops(trials=2, hops=2, steps=50, lr=0.01))[0]
+    assert res.fingerprint_rmsd < 1e-4
+    assert res.atoms.pbc.all() and np.allclose(res.atoms.cell.array, atoms.cell.array)
