@@ -46,13 +46,26 @@ def roundtrip(args):
     strategy = AdamHops(trials=args.trials, hops=args.hops)
     rows = []
     t0 = time.perf_counter()
-    for ref, res in zip(frames, invert_iter(targets, "acsf-fung", strategy, seed=args.seed,
-                                            batch_targets=args.batch)):
+    for ref, res in zip(
+        frames,
+        invert_iter(targets, "acsf-fung", strategy, seed=args.seed, batch_targets=args.batch),
+    ):
         rmsd = structure_rmsd(ref, res.atoms)
-        rows.append(dict(name=res.name, rmsd=rmsd, fingerprint_rmsd=res.fingerprint_rmsd,
-                         loss=res.loss, converged=res.converged, seconds=res.seconds))
-        print(f"  {res.name}: RMSD {rmsd:.4f} A, fp RMSD {res.fingerprint_rmsd:.1e}, "
-              f"{res.seconds:.1f} s", flush=True)
+        rows.append(
+            dict(
+                name=res.name,
+                rmsd=rmsd,
+                fingerprint_rmsd=res.fingerprint_rmsd,
+                loss=res.loss,
+                converged=res.converged,
+                seconds=res.seconds,
+            )
+        )
+        print(
+            f"  {res.name}: RMSD {rmsd:.4f} A, fp RMSD {res.fingerprint_rmsd:.1e}, "
+            f"{res.seconds:.1f} s",
+            flush=True,
+        )
     total = time.perf_counter() - t0
     return rows, total
 
@@ -67,10 +80,18 @@ def x_csv(args):
     targets = [Target(name=f"x{k}", numbers=np.full(10, 78), fingerprint=x[k]) for k in pick]
     rows = []
     strategy = AdamHops(trials=args.trials, hops=args.hops)
-    for res in invert_iter(targets, preset("acsf-fung"), strategy, seed=args.seed,
-                           batch_targets=args.batch):
-        rows.append(dict(name=res.name, loss=res.loss, fingerprint_rmsd=res.fingerprint_rmsd,
-                         converged=res.converged, seconds=res.seconds))
+    for res in invert_iter(
+        targets, preset("acsf-fung"), strategy, seed=args.seed, batch_targets=args.batch
+    ):
+        rows.append(
+            dict(
+                name=res.name,
+                loss=res.loss,
+                fingerprint_rmsd=res.fingerprint_rmsd,
+                converged=res.converged,
+                seconds=res.seconds,
+            )
+        )
         print(f"  {res.name}: loss {res.loss:.2e}, fp RMSD {res.fingerprint_rmsd:.1e}", flush=True)
     return rows
 
@@ -101,19 +122,23 @@ def descriptor_speed(n_repeat=50):
             t = time.perf_counter()
             for _ in range(n_repeat // (1 if batch == 1 else 10)):
                 fn(x)
-            out[f"ours_values_b{batch}_ms"] = 1e3 * (time.perf_counter() - t) / (
-                n_repeat // (1 if batch == 1 else 10)) / batch
+            out[f"ours_values_b{batch}_ms"] = (
+                1e3 * (time.perf_counter() - t) / (n_repeat // (1 if batch == 1 else 10)) / batch
+            )
         xg = x.clone().requires_grad_(True)
         t = time.perf_counter()
         for _ in range(n_repeat // (1 if batch == 1 else 10)):
             fn(xg).sum().backward()
-        out[f"ours_grad_b{batch}_ms"] = 1e3 * (time.perf_counter() - t) / (
-            n_repeat // (1 if batch == 1 else 10)) / batch
+        out[f"ours_grad_b{batch}_ms"] = (
+            1e3 * (time.perf_counter() - t) / (n_repeat // (1 if batch == 1 else 10)) / batch
+        )
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--clusters", type=int, default=12)
     p.add_argument("--x-count", type=int, default=20)
     p.add_argument("--trials", type=int, default=10)
@@ -126,7 +151,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    print(f"[1/3] round trip of {args.clusters} EMT Pt10 clusters ({args.trials} trials x {args.hops} hops)")
+    print(
+        f"[1/3] round trip of {args.clusters} EMT Pt10 clusters ({args.trials} trials x {args.hops} hops)"
+    )
     rows, total = roundtrip(args)
     rmsd = np.array([r["rmsd"] for r in rows])
     secs = np.array([r["seconds"] for r in rows])
@@ -141,36 +168,54 @@ def main(argv=None):
         "clusters": len(rows),
         "median_seconds_per_structure": float(np.median(secs)),
         "wall_seconds_total": total,
-        "x_csv_fp_rmsd_quantiles": dict(zip(["min", "q25", "median", "q75", "max"],
-                                            map(float, np.quantile(fp, [0, .25, .5, .75, 1])))),
+        "x_csv_fp_rmsd_quantiles": dict(
+            zip(
+                ["min", "q25", "median", "q75", "max"],
+                map(float, np.quantile(fp, [0, 0.25, 0.5, 0.75, 1])),
+            )
+        ),
         "x_csv_converged": int(sum(r["converged"] for r in xrows)),
         "descriptor_ms": speed,
-        "command": "OMP_NUM_THREADS=1 python benchmarks/pt10_roundtrip.py " + " ".join(sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python benchmarks/pt10_roundtrip.py "
+        + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
     }
-    (out / "pt10_roundtrip.json").write_text(json.dumps({"summary": summary, "roundtrip": rows,
-                                                         "x_csv": xrows}, indent=2))
-    lines = ["| cluster | RMSD to original (A) | final loss (MAE) | fingerprint RMSD | seconds |",
-             "|---|---|---|---|---|"]
+    (out / "pt10_roundtrip.json").write_text(
+        json.dumps({"summary": summary, "roundtrip": rows, "x_csv": xrows}, indent=2)
+    )
+    lines = [
+        "| cluster | RMSD to original (A) | final loss (MAE) | fingerprint RMSD | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['rmsd']:.4f} | {r['loss']:.1e} | {r['fingerprint_rmsd']:.1e} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['rmsd']:.4f} | {r['loss']:.1e} | {r['fingerprint_rmsd']:.1e} | {r['seconds']:.1f} |"
+        )
     lines.append("")
-    lines.append(f"Recovered (RMSD < 0.05 A, mirror allowed): {summary['recovered_below_0.05A']}/{len(rows)}; "
-                 f"median {summary['median_seconds_per_structure']:.1f} s per structure (batch time / targets), "
-                 f"{total:.0f} s in all.")
+    lines.append(
+        f"Recovered (RMSD < 0.05 A, mirror allowed): {summary['recovered_below_0.05A']}/{len(rows)}; "
+        f"median {summary['median_seconds_per_structure']:.1f} s per structure (batch time / targets), "
+        f"{total:.0f} s in all."
+    )
     q = summary["x_csv_fp_rmsd_quantiles"]
-    lines.append(f"x.csv ({len(xrows)} DFT representations): fingerprint RMSD min {q['min']:.1e}, "
-                 f"median {q['median']:.1e}, max {q['max']:.1e}; {summary['x_csv_converged']} below 1e-4.")
+    lines.append(
+        f"x.csv ({len(xrows)} DFT representations): fingerprint RMSD min {q['min']:.1e}, "
+        f"median {q['median']:.1e}, max {q['max']:.1e}; {summary['x_csv_converged']} below 1e-4."
+    )
     s = speed
-    lines.append(f"ACSF per Pt10 structure: dscribe values {s['dscribe_values_ms']:.2f} ms; structrecon values "
-                 f"{s['ours_values_b1_ms']:.2f} ms (batch 1), {s['ours_values_b100_ms']:.3f} ms (batch 100); "
-                 f"values + gradient {s['ours_grad_b1_ms']:.2f} ms (batch 1), {s['ours_grad_b100_ms']:.3f} ms (batch 100).")
+    lines.append(
+        f"ACSF per Pt10 structure: dscribe values {s['dscribe_values_ms']:.2f} ms; structrecon values "
+        f"{s['ours_values_b1_ms']:.2f} ms (batch 1), {s['ours_values_b100_ms']:.3f} ms (batch 100); "
+        f"values + gradient {s['ours_grad_b1_ms']:.2f} ms (batch 1), {s['ours_grad_b100_ms']:.3f} ms (batch 100)."
+    )
     (out / "pt10_roundtrip.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(np.log10(np.maximum(fp, 1e-16)), bins=20)
     ax.set_xlabel("log10 final fingerprint RMSD")

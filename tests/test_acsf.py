@@ -160,7 +160,9 @@ def test_invariances_with_negative_control(rng, dtype):
     perm[hydrogens] = rng.permutation(hydrogens)
     moved = moved[perm]
     tol = 1e-10 if dtype == torch.float64 else 1e-4
-    np.testing.assert_allclose(describe(spec, [moved], dtype=dtype)[0], base, atol=tol * 10, rtol=tol)
+    np.testing.assert_allclose(
+        describe(spec, [moved], dtype=dtype)[0], base, atol=tol * 10, rtol=tol
+    )
     # negative control: a small distortion must change the fingerprint
     bent = atoms.copy()
     bent.positions[0] += [0.05, -0.03, 0.02]

@@ -59,7 +59,10 @@ def test_describe_invert_compare_round_trip(workdir, capsys):
         assert {"loss", "fingerprint_rmsd", "converged", "seconds"} <= set(a.info)
         assert a.info["converged"] is True or a.info["converged"] is np.True_
     capsys.readouterr()
-    assert main(["compare", str(workdir / "ref.extxyz"), str(out), "--plot", str(workdir / "plots")]) == 0
+    assert (
+        main(["compare", str(workdir / "ref.extxyz"), str(out), "--plot", str(workdir / "plots")])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "recovered (RMSD < 0.05 A, mirror allowed): 3/3" in text
     assert (workdir / "plots" / "pair_distances.png").stat().st_size > 1000
@@ -77,7 +80,9 @@ def test_resume_keeps_written_results_and_finishes(workdir):
     code, _, err = run_cli("invert", fp, "-o", out)
     one_line_error(code, err, "exists; pass --resume")
     assert out.read_text() == first  # nothing lost
-    assert main(["invert", str(fp), "-o", str(out), "--quiet", "--resume", "--batch", "1", *FAST]) == 0
+    assert (
+        main(["invert", str(fp), "-o", str(out), "--quiet", "--resume", "--batch", "1", *FAST]) == 0
+    )
     text = out.read_text()
     assert text.startswith(first)
     assert len(ase.io.read(out, ":")) == 3
@@ -89,8 +94,23 @@ def test_seed_reproducible_through_cli(workdir):
     outs = []
     for k in range(2):
         out = workdir / f"seed{k}.extxyz"
-        main(["invert", str(fp), "-o", str(out), "--quiet", "--seed", "3", "--attempts", "2",
-              "--hops", "1", "--steps", "10"])
+        main(
+            [
+                "invert",
+                str(fp),
+                "-o",
+                str(out),
+                "--quiet",
+                "--seed",
+                "3",
+                "--attempts",
+                "2",
+                "--hops",
+                "1",
+                "--steps",
+                "10",
+            ]
+        )
         outs.append(np.concatenate([a.positions for a in ase.io.read(out, ":")]))
     np.testing.assert_array_equal(*outs)
 
@@ -100,7 +120,9 @@ def test_bad_inputs_give_one_line_errors(workdir, tmp_path):
     fp = workdir / "fp_bad.npz"
     main(["describe", str(ref), "-d", "acsf-fung", "-o", str(fp)])
 
-    code, _, err = run_cli("describe", tmp_path / "missing.xyz", "-d", "acsf-fung", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "describe", tmp_path / "missing.xyz", "-d", "acsf-fung", "-o", tmp_path / "x"
+    )
     one_line_error(code, err, "does not exist")
 
     empty = tmp_path / "empty.xyz"
@@ -117,9 +139,13 @@ def test_bad_inputs_give_one_line_errors(workdir, tmp_path):
     one_line_error(code, err, "valid: acsf, acsf-fung")
 
     toml = tmp_path / "spec.toml"
-    toml.write_text('[descriptor]\nkind = "acsf"\ncutoff = 5.0\nspecies = [78]\ng2 = [[1.0, 2.0]]\nbogus = 1\n')
+    toml.write_text(
+        '[descriptor]\nkind = "acsf"\ncutoff = 5.0\nspecies = [78]\ng2 = [[1.0, 2.0]]\nbogus = 1\n'
+    )
     code, _, err = run_cli("describe", ref, "-d", toml, "-o", tmp_path / "x")
-    one_line_error(code, err, "unknown 'acsf' descriptor option(s) bogus; valid: cutoff, g2, g4, g5, species")
+    one_line_error(
+        code, err, "unknown 'acsf' descriptor option(s) bogus; valid: cutoff, g2, g4, g5, species"
+    )
 
     code, _, err = run_cli("invert", fp, "-o", tmp_path / "o.extxyz", "--method", "magic")
     one_line_error(code, err, "unknown method 'magic'; valid: adam-hops, lbfgs, noisy-gd")
@@ -137,19 +163,29 @@ def test_bad_inputs_give_one_line_errors(workdir, tmp_path):
         np.savez(path, **{**arrays, **changes})
         return path
 
-    code, _, err = run_cli("invert", tampered("short.npz", fingerprints=arrays["fingerprints"][:, :100]),
-                           "-o", tmp_path / "o.extxyz")
-    one_line_error(code, err, "fingerprint length 100 does not match its spec 'acsf-fung' (380 values)")
+    code, _, err = run_cli(
+        "invert",
+        tampered("short.npz", fingerprints=arrays["fingerprints"][:, :100]),
+        "-o",
+        tmp_path / "o.extxyz",
+    )
+    one_line_error(
+        code, err, "fingerprint length 100 does not match its spec 'acsf-fung' (380 values)"
+    )
 
     bad = arrays["fingerprints"].copy()
     bad[1, 5] = np.nan
-    code, _, err = run_cli("invert", tampered("nan.npz", fingerprints=bad), "-o", tmp_path / "o.extxyz")
+    code, _, err = run_cli(
+        "invert", tampered("nan.npz", fingerprints=bad), "-o", tmp_path / "o.extxyz"
+    )
     one_line_error(code, err, "contains NaN or inf")
 
     n_atoms = arrays["n_atoms"].copy()
     n_atoms[0] = 0
     n_atoms[1] += arrays["n_atoms"][0]
-    code, _, err = run_cli("invert", tampered("nocomp.npz", n_atoms=n_atoms), "-o", tmp_path / "o.extxyz")
+    code, _, err = run_cli(
+        "invert", tampered("nocomp.npz", n_atoms=n_atoms), "-o", tmp_path / "o.extxyz"
+    )
     one_line_error(code, err, "has no composition")
 
     code, _, err = run_cli("invert", ref, "-o", tmp_path / "o.extxyz")
@@ -162,7 +198,9 @@ def test_bad_inputs_give_one_line_errors(workdir, tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    code, _, err = run_cli("--debug", "describe", tmp_path / "missing.xyz", "-d", "acsf-fung", "-o", tmp_path / "x")
+    code, _, err = run_cli(
+        "--debug", "describe", tmp_path / "missing.xyz", "-d", "acsf-fung", "-o", tmp_path / "x"
+    )
     assert code != 0 and "Traceback" in err
 
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
 from ase.build import molecule
 
 from structrecon import StructreconError
@@ -87,8 +86,12 @@ def planar_problem():
     start = target.copy()
     start.positions[:, 2] = 0.0
     spec = FingerprintSpec(
-        descriptor=ACSFSpec(cutoff=5.0, species=[1, 6], g2=[[0.5, 1.0], [2.0, 1.5]],
-                            g4=[[0.1, 1, 1], [0.1, 1, -1], [0.3, 2, 1]]),
+        descriptor=ACSFSpec(
+            cutoff=5.0,
+            species=[1, 6],
+            g2=[[0.5, 1.0], [2.0, 1.5]],
+            g4=[[0.1, 1, 1], [0.1, 1, -1], [0.3, 2, 1]],
+        ),
         pooling="sum-species",
     )
     fp = describe(spec, [target])[0]
@@ -149,16 +152,25 @@ def test_periodic_target_is_recovered_from_a_rattled_start():
     atoms.rattle(0.15, seed=1)
     spec = FingerprintSpec(
         descriptor=ACSFSpec.from_dict(
-            {"cutoff": 4.5, "species": [29],
-             "g2": {"eta": [2.0, 0.5], "rs": [2.2, 2.6, 3.0, 3.4, 3.8, 4.2]},
-             "g5": {"eta": [0.1], "zeta": [1, 4], "lambda": [-1, 1]}}
+            {
+                "cutoff": 4.5,
+                "species": [29],
+                "g2": {"eta": [2.0, 0.5], "rs": [2.2, 2.6, 3.0, 3.4, 3.8, 4.2]},
+                "g5": {"eta": [0.1], "zeta": [1, 4], "lambda": [-1, 1]},
+            }
         ),
         pooling="maxmin",
     )
     fp = describe(spec, [atoms])[0]
     start = atoms.positions + np.random.default_rng(0).normal(size=atoms.positions.shape) * 0.05
-    t = Target(name="cu", numbers=atoms.numbers, fingerprint=fp, cell=atoms.cell.array,
-               pbc=(True, True, True), start=start)
+    t = Target(
+        name="cu",
+        numbers=atoms.numbers,
+        fingerprint=fp,
+        cell=atoms.cell.array,
+        pbc=(True, True, True),
+        start=start,
+    )
     res = invert([t], spec, AdamHops(trials=2, hops=2, steps=50, lr=0.01))[0]
     assert res.fingerprint_rmsd < 1e-4
     assert res.atoms.pbc.all() and np.allclose(res.atoms.cell.array, atoms.cell.array)

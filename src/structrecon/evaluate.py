@@ -406,9 +406,7 @@ def _align_periodic(reference: Atoms, candidate: Atoms) -> Alignment:
     anchor_z = min(ref_species, key=lambda z: (len(ref_species[z]), z))
     anchor = ref_species[anchor_z][0]
     shifts = p[anchor] - q[cand_species[anchor_z]]
-    bounds = [
-        sum(float(c.min(axis=1).sum()) for c in costs(shift).values()) for shift in shifts
-    ]
+    bounds = [sum(float(c.min(axis=1).sum()) for c in costs(shift).values()) for shift in shifts]
 
     best_sumsq = math.inf
     best_perm = np.arange(n)

@@ -128,7 +128,7 @@ def neighbour_geometry(
         keep = torch.arange(n_atoms, device=positions.device)
     neighbour = keep % n_atoms
     # slot m is atom j = m % N at shift m // N; the self slot is j == i at shift 0
-    valid = ~((keep[None, :] == torch.arange(n_atoms, device=keep.device)[:, None]))
+    valid = ~(keep[None, :] == torch.arange(n_atoms, device=keep.device)[:, None])
     # distances with a safe value for the self slot, so gradients stay finite
     safe = torch.where(valid[None, :, :, None], vec, torch.full_like(vec, 2.0 * cutoff))
     distances = torch.linalg.norm(safe, dim=-1)

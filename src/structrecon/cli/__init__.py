@@ -30,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Invert invariant fingerprints of atomic structures back to 3D structures.",
     )
     parser.add_argument("--version", action="version", version=f"structrecon {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback on errors"
-    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument(
         "--threads",
         type=int,

@@ -32,7 +32,11 @@ def add_arguments(p):
 
 def match_frames(references, outputs, ref_names, out_names):
     """Pairs (reference, output) by name where possible, else by order."""
-    if all(out_names) and set(out_names) <= set(ref_names) and len(set(ref_names)) == len(ref_names):
+    if (
+        all(out_names)
+        and set(out_names) <= set(ref_names)
+        and len(set(ref_names)) == len(ref_names)
+    ):
         index = {n: k for k, n in enumerate(ref_names)}
         return [(references[index[n]], o, n) for o, n in zip(outputs, out_names)]
     if len(references) != len(outputs):
@@ -40,7 +44,9 @@ def match_frames(references, outputs, ref_names, out_names):
             f"{len(outputs)} output frame(s) but {len(references)} reference(s), and the "
             "names do not match them up"
         )
-    return [(r, o, n or f"frame_{k}") for k, (r, o, n) in enumerate(zip(references, outputs, out_names))]
+    return [
+        (r, o, n or f"frame_{k}") for k, (r, o, n) in enumerate(zip(references, outputs, out_names))
+    ]
 
 
 def run(args) -> int:
@@ -69,8 +75,9 @@ def run(args) -> int:
         sec = out.info.get("seconds", float("nan"))
         print(f"{name:<{width}}  {r:8.4f}  {fp:9.2e}  {str(conv):>5}  {sec:8.2f}")
     n_ok = int((rmsd < args.threshold).sum())
+    mirror = "" if args.no_reflection else ", mirror allowed"
     print(
-        f"recovered (RMSD < {args.threshold} A{', mirror allowed' if not args.no_reflection else ''}): "
+        f"recovered (RMSD < {args.threshold} A{mirror}): "
         f"{n_ok}/{len(rmsd)} ({100.0 * n_ok / len(rmsd):.0f}%); median RMSD {np.median(rmsd):.4f} A"
     )
     print(

@@ -14,7 +14,10 @@ from pathlib import Path
 def add_arguments(p):
     """Arguments of ``structrecon demo``."""
     p.add_argument(
-        "-o", "--outdir", default="structrecon-demo", help="folder for the files (default ./structrecon-demo)"
+        "-o",
+        "--outdir",
+        default="structrecon-demo",
+        help="folder for the files (default ./structrecon-demo)",
     )
     p.add_argument("-n", type=int, default=3, help="number of clusters (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -35,12 +38,26 @@ def run(args) -> int:
     print(f"[1/4] relaxing {args.n} random Pt10 clusters with EMT -> {reference}")
     ase.io.write(reference, relaxed_clusters(args.n, seed=args.seed))
     steps = [
-        ("[2/4] describe", ["describe", str(reference), "-d", "acsf-fung", "-o", str(fingerprints)]),
+        (
+            "[2/4] describe",
+            ["describe", str(reference), "-d", "acsf-fung", "-o", str(fingerprints)],
+        ),
         (
             "[3/4] invert",
-            ["invert", str(fingerprints), "-o", str(recovered), "--overwrite", "--seed", str(args.seed)],
+            [
+                "invert",
+                str(fingerprints),
+                "-o",
+                str(recovered),
+                "--overwrite",
+                "--seed",
+                str(args.seed),
+            ],
         ),
-        ("[4/4] compare", ["compare", str(reference), str(recovered), "--plot", str(out / "plots")]),
+        (
+            "[4/4] compare",
+            ["compare", str(reference), str(recovered), "--plot", str(out / "plots")],
+        ),
     ]
     for label, argv in steps:
         print(f"{label}: structrecon {' '.join(argv)}")

@@ -32,9 +32,7 @@ def add_arguments(p):
         default="adam-hops",
         help="adam-hops (Fung 2022, default), noisy-gd (Cobelli 2022), lbfgs",
     )
-    p.add_argument(
-        "--attempts", type=int, help="random starts (trials) per target (adam-hops: 10)"
-    )
+    p.add_argument("--attempts", type=int, help="random starts (trials) per target (adam-hops: 10)")
     p.add_argument("--hops", type=int, help="noise hops per trial (adam-hops: 5)")
     p.add_argument("--steps", type=int, help="optimiser steps per hop (adam-hops: 100)")
     p.add_argument("--lr", type=float, help="Adam learning rate, Angstrom (adam-hops: 0.1)")
@@ -118,7 +116,12 @@ def run(args) -> int:
         return 0
     repulsion = Repulsion(r_min=args.repulsion) if args.repulsion > 0 else None
     results = invert_iter(
-        todo, fps.spec, strategy, seed=args.seed, tol=args.tol, repulsion=repulsion,
+        todo,
+        fps.spec,
+        strategy,
+        seed=args.seed,
+        tol=args.tol,
+        repulsion=repulsion,
         batch_targets=args.batch,
     )
     n_conv = 0

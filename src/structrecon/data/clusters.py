@@ -9,9 +9,13 @@ from ase.data import atomic_numbers, covalent_radii
 __all__ = ["random_cluster", "relaxed_clusters"]
 
 
-def random_cluster(symbol: str, n_atoms: int, rng: np.random.Generator, *, min_distance=None) -> Atoms:
-    """Random positions in a sphere sized for compact packing, no pair closer than
-    ``min_distance`` (default: 0.8 x twice the covalent radius)."""
+def random_cluster(
+    symbol: str, n_atoms: int, rng: np.random.Generator, *, min_distance=None
+) -> Atoms:
+    """Random positions in a sphere sized for compact packing.
+
+    No pair is closer than ``min_distance`` (default: 0.8 x twice the covalent radius).
+    """
     r_cov = covalent_radii[atomic_numbers[symbol]]
     min_distance = 1.6 * r_cov if min_distance is None else min_distance
     radius = r_cov * (2.0 * n_atoms) ** (1.0 / 3.0)

@@ -1,5 +1,7 @@
-"""Inversion strategies: they receive a fingerprint function and targets, never the
-descriptor's hyperparameters, and run all trials of all targets as one batch.
+"""Inversion strategies over a fingerprint function and targets.
+
+A strategy never sees the descriptor's hyperparameters, and it runs all trials of
+all targets as one batch.
 
 Each strategy is a frozen dataclass with a ``run(problem, generator)`` method that
 returns an :class:`Outcome`.
@@ -80,7 +82,7 @@ class Outcome:
 
 
 def random_positions(numbers, cell, pbc, n: int, generator: torch.Generator, dtype) -> torch.Tensor:
-    """n random structures [n, N, 3]: uniform in the cell if periodic, else in a sphere.
+    """N random structures [n, N, 3]: uniform in the cell if periodic, else in a sphere.
 
     The sphere holds the atoms' covalent spheres at a packing fraction of 1/2:
     radius = (2 sum_i r_i^3)^(1/3).
@@ -467,14 +469,13 @@ STRATEGIES = {cls.name: cls for cls in (AdamHops, NoisyGD, LBFGS)}
 def get_strategy(method: str, **options):
     """Build the strategy ``method`` with ``options``; unknown names/options are errors."""
     if method not in STRATEGIES:
-        raise StructreconError(
-            f"unknown method '{method}'; valid: {', '.join(sorted(STRATEGIES))}"
-        )
+        raise StructreconError(f"unknown method '{method}'; valid: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[method]
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise StructreconError(
-            f"method '{method}' has no option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            f"method '{method}' has no option(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(valid))}"
         )
     return cls(**options)
