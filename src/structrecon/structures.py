@@ -24,7 +24,7 @@ import torch
 
 from ._errors import StructreconError
 
-__all__ = ["Geometry", "lattice_shifts", "neighbour_geometry", "atoms_groups"]
+__all__ = ["Geometry", "atoms_groups", "group_key", "lattice_shifts", "neighbour_geometry"]
 
 
 def lattice_shifts(cell: np.ndarray | None, pbc, cutoff: float) -> np.ndarray:

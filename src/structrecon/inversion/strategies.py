@@ -307,7 +307,7 @@ class AdamHops:
         loss_fn = get_loss(self.loss)
         gamma = (self.lr_final / self.lr) ** (1.0 / max(self.steps - 1, 1))
         top = min(self.polish_top, k)
-        for _hop in range(self.hops):
+        for _ in range(self.hops):
             idx = torch.nonzero(active).flatten()
             if idx.numel() == 0:
                 break
@@ -399,7 +399,7 @@ class NoisyGD:
         targets = problem.targets.repeat_interleave(k, dim=0)
         loss_fn = get_loss(self.loss)
         moving = torch.ones(x.shape[0], dtype=torch.bool)
-        history: list[list[float]] = [[] for _ in range(t_count)]
+        per_step: list[torch.Tensor] = []  # best loss of each target, per iteration
         for n in range(self.iterations):
             var = x.clone().requires_grad_(True)
             value, rmsd = _objective(problem, loss_fn, var, targets)
@@ -408,13 +408,12 @@ class NoisyGD:
                 noise = torch.rand(x.shape, generator=generator, dtype=dtype) - 0.5
                 step = -self.gamma * grad + self.eta * math.exp(-self.nu * n) * noise
                 x = torch.where(moving[:, None, None], x + step, x)
-                per_target = value.reshape(t_count, k).min(dim=1).values
-                for t in range(t_count):
-                    history[t].append(float(per_target[t]))
+                per_step.append(value.reshape(t_count, k).min(dim=1).values)
                 if n % self.check_every == 0:
                     moving &= ~(rmsd < problem.tol)
                     if not moving.any():
                         break
+        history = torch.stack(per_step, dim=1).double().tolist()
         with torch.no_grad():
             _, rmsd = _objective(problem, loss_fn, x, targets)
         pick = rmsd.reshape(t_count, k).argmin(dim=1)
