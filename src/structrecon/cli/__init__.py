@@ -18,6 +18,9 @@ COMMANDS = {
     "invert": "recover structures from a fingerprint file",
     "compare": "compare recovered structures with references",
     "demo": "describe, invert and compare a small built-in example",
+    "train": "train a conditional VAE or a surrogate model on fingerprints",
+    "generate": "generate fingerprints for a target property with a trained cVAE",
+    "validate": "formation energy per atom of structures with a real calculator",
 }
 
 

@@ -1,0 +1,308 @@
+"""Training, saving, loading and sampling of the generative models (Fung 2022, sec. 2.3).
+
+A model directory holds ``model.pt`` (a ``state_dict``, read with
+``torch.load(weights_only=True)``), ``spec.json`` (model spec, fingerprint spec,
+normalisation, property name, composition, cell, pbc, training history) and
+``loss.png`` (training and validation loss per epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._errors import StructreconError
+from ..descriptors import FingerprintSpec
+from .models import CVAE, CVAESpec, Normaliser, Surrogate, SurrogateSpec, model_from_spec
+
+__all__ = [
+    "FORMAT",
+    "TrainedModel",
+    "TrainingData",
+    "load_model",
+    "plot_losses",
+    "split_indices",
+    "train",
+]
+
+FORMAT = "structrecon-model-1"
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Fingerprints and one scalar property of structures of a single composition.
+
+    Parameters
+    ----------
+    fingerprints : [B, F] float64 global fingerprints R.
+    prop : [B] property values (e.g. formation energy, eV/atom).
+    prop_name : the property's key (e.g. ``e_form``).
+    spec : fingerprint spec that made R.
+    numbers : [N] atomic numbers of the (shared) composition.
+    cell : [3, 3] Angstrom (zeros for clusters).  pbc : [3] booleans.
+    """
+
+    fingerprints: np.ndarray
+    prop: np.ndarray
+    prop_name: str
+    spec: FingerprintSpec
+    numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+
+    def __post_init__(self):
+        self.fingerprints = np.asarray(self.fingerprints, dtype=float)
+        self.prop = np.asarray(self.prop, dtype=float).reshape(-1)
+        if self.fingerprints.ndim != 2:
+            raise StructreconError("training fingerprints must be a [B, F] array")
+        b, f = self.fingerprints.shape
+        if b < 2:
+            raise StructreconError(f"need at least 2 training structures, got {b}")
+        if len(self.prop) != b:
+            raise StructreconError(f"{b} fingerprints but {len(self.prop)} property values")
+        if f != self.spec.n_features:
+            raise StructreconError(
+                f"fingerprint length {f} does not match the spec '{self.spec.name or 'custom'}' "
+                f"({self.spec.n_features} values)"
+            )
+        if not (np.isfinite(self.fingerprints).all() and np.isfinite(self.prop).all()):
+            raise StructreconError("training data contains NaN or inf")
+
+
+def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split of ``range(n)`` (paper: 80:20), as sorted index arrays.
+
+    Both parts are non-empty when ``train_fraction < 1`` and ``n >= 2``.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    if train_fraction >= 1.0:
+        return np.sort(perm), np.array([], dtype=int)
+    n_train = min(n - 1, max(1, int(round(train_fraction * n))))
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model with everything needed to use it on raw fingerprints."""
+
+    model: CVAE | Surrogate
+    normaliser: Normaliser
+    fingerprint_spec: FingerprintSpec
+    prop_name: str
+    numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``cvae`` or ``surrogate``."""
+        return self.model.spec.kind
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.pt`` (state_dict), ``spec.json`` and ``loss.png`` into ``directory``."""
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise StructreconError(f"model directory {d} exists and is not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        torch.save(state, d / "model.pt")
+        meta = {
+            "format": FORMAT,
+            "model": self.model.spec.to_dict(),
+            "fingerprint_spec": self.fingerprint_spec.to_dict(),
+            "normalisation": self.normaliser.to_dict(),
+            "property": self.prop_name,
+            "numbers": [int(n) for n in self.numbers],
+            "cell": np.asarray(self.cell, dtype=float).tolist(),
+            "pbc": [bool(p) for p in self.pbc],
+            "history": self.history,
+            "info": self.info,
+        }
+        (d / "spec.json").write_text(json.dumps(meta, indent=1))
+        if self.history.get("train"):
+            plot_losses(self.history, d / "loss.png", title=f"{self.kind} training")
+        return d
+
+    def predict(self, fingerprints: np.ndarray) -> np.ndarray:
+        """Surrogate only: raw fingerprints [B, F] -> property [B] (property units)."""
+        if not isinstance(self.model, Surrogate):
+            raise StructreconError("this model is a cVAE, not a surrogate")
+        fingerprints = np.asarray(fingerprints, dtype=float)
+        if fingerprints.ndim != 2 or fingerprints.shape[1] != self.model.spec.n_features:
+            raise StructreconError(
+                f"surrogate expects [B, {self.model.spec.n_features}] fingerprints, "
+                f"got {list(fingerprints.shape)}"
+            )
+        x = torch.as_tensor(self.normaliser.x(fingerprints), dtype=torch.float32)
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for chunk in torch.split(x, 4096):
+                out.append(self.model(chunk).double().numpy())
+        return self.normaliser.y_inverse(np.concatenate(out))
+
+    def generate(self, target: float, n: int, seed: int | None = 0) -> np.ndarray:
+        """CVAE only: ``n`` fingerprints [n, F] for property ``target`` (property units).
+
+        z ~ N(0, I) is decoded conditioned on the normalised target, then de-normalised.
+        """
+        if not isinstance(self.model, CVAE):
+            raise StructreconError("this model is a surrogate, not a cVAE")
+        if n < 1:
+            raise StructreconError(f"number of samples must be >= 1, got {n}")
+        if not np.isfinite(target):
+            raise StructreconError(f"target must be finite, got {target}")
+        gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+        y = torch.full((n, 1), float(self.normaliser.y(target)), dtype=torch.float32)
+        self.model.eval()
+        x = self.model.sample(y, generator=gen).double().numpy()
+        return self.normaliser.x_inverse(x)
+
+
+def load_model(directory: str | Path, kind: str | None = None) -> TrainedModel:
+    """Read a model directory written by :meth:`TrainedModel.save`.
+
+    ``kind`` (``cvae``/``surrogate``), if given, must match.  Errors are one line.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise StructreconError(f"model directory {d} does not exist")
+    for name in ("spec.json", "model.pt"):
+        if not (d / name).is_file():
+            raise StructreconError(f"{d} is not a structrecon model directory (no {name})")
+    try:
+        meta = json.loads((d / "spec.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StructreconError(f"cannot read {d / 'spec.json'}: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StructreconError(f"{d / 'spec.json'} is not a structrecon model spec")
+    model = model_from_spec(meta["model"])
+    if kind is not None and model.spec.kind != kind:
+        raise StructreconError(f"{d} holds a {model.spec.kind} model, expected a {kind}")
+    try:
+        state = torch.load(d / "model.pt", weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - corrupted or mismatched weights
+        raise StructreconError(f"cannot load weights {d / 'model.pt'}: {err}") from None
+    model.eval()
+    return TrainedModel(
+        model=model,
+        normaliser=Normaliser.from_dict(meta["normalisation"]),
+        fingerprint_spec=FingerprintSpec.from_dict(meta["fingerprint_spec"]),
+        prop_name=str(meta["property"]),
+        numbers=np.asarray(meta["numbers"], dtype=int),
+        cell=np.asarray(meta["cell"], dtype=float).reshape(3, 3),
+        pbc=np.asarray(meta["pbc"], dtype=bool),
+        history=meta.get("history", {}),
+        info=meta.get("info", {}),
+    )
+
+
+def train(
+    data: TrainingData,
+    spec: CVAESpec | SurrogateSpec,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainedModel:
+    """Train a cVAE or a surrogate on ``data`` with Adam (Fung 2022, sec. 2.3).
+
+    The data are split ``spec.train_fraction`` : rest (seeded); normalisation statistics come
+    from the training part only.  Per epoch the mean training loss and the validation loss
+    are recorded in ``history`` (for the cVAE: recon + beta KL; for the surrogate: MSE on
+    the normalised property, plus the validation MAE in property units).
+    """
+    from tqdm.auto import tqdm
+
+    if spec.n_features != data.fingerprints.shape[1]:
+        raise StructreconError(
+            f"model spec n_features={spec.n_features} but the data have "
+            f"{data.fingerprints.shape[1]} features"
+        )
+    torch.manual_seed(seed)
+    tr, va = split_indices(len(data.prop), spec.train_fraction, seed)
+    norm = Normaliser.fit(data.fingerprints[tr], data.prop[tr])
+    x_all = torch.as_tensor(norm.x(data.fingerprints), dtype=torch.float32)
+    y_all = torch.as_tensor(norm.y(data.prop), dtype=torch.float32).reshape(-1, 1)
+    x_tr, y_tr, x_va, y_va = x_all[tr], y_all[tr], x_all[va], y_all[va]
+    model = CVAE(spec) if isinstance(spec, CVAESpec) else Surrogate(spec)
+    opt = torch.optim.Adam(
+        model.parameters(), lr=spec.lr, weight_decay=getattr(spec, "weight_decay", 0.0)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    history: dict[str, list[float]] = {"train": [], "validation": []}
+    if isinstance(model, Surrogate):
+        history["validation_mae"] = []
+    n = len(tr)
+    t0 = time.perf_counter()
+    bar = tqdm(range(spec.epochs), desc=f"train {spec.kind}", disable=not progress, unit="ep")
+    for _ in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, spec.batch_size):
+            idx = perm[start : start + spec.batch_size]
+            loss, _ = model.loss(x_tr[idx], y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        history["train"].append(total / n)
+        if len(va):
+            model.eval()
+            with torch.no_grad():
+                vloss, extra = model.loss(x_va, y_va)
+            history["validation"].append(float(vloss))
+            if isinstance(model, Surrogate):
+                history["validation_mae"].append(float(extra) * norm.y_std)
+            bar.set_postfix(train=f"{history['train'][-1]:.4g}", val=f"{float(vloss):.4g}")
+        else:
+            bar.set_postfix(train=f"{history['train'][-1]:.4g}")
+    model.eval()
+    info = {
+        "seed": seed,
+        "n_train": int(len(tr)),
+        "n_validation": int(len(va)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return TrainedModel(
+        model=model,
+        normaliser=norm,
+        fingerprint_spec=data.spec,
+        prop_name=data.prop_name,
+        numbers=np.asarray(data.numbers, dtype=int),
+        cell=np.asarray(data.cell, dtype=float).reshape(3, 3),
+        pbc=np.asarray(data.pbc, dtype=bool).reshape(3),
+        history=history,
+        info=info,
+    )
+
+
+def plot_losses(history: dict[str, list[float]], path: str | Path, title: str = "") -> None:
+    """Training and validation loss per epoch (log scale) to a PNG, on an Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key in ("train", "validation"):
+        values = history.get(key) or []
+        if values:
+            ax.plot(np.arange(1, len(values) + 1), values, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (normalised units)")
+    if all(v > 0 for key in ("train", "validation") for v in history.get(key) or []):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,241 @@
+"""Generative models: cVAE and surrogate over fingerprints (Fung 2022, sec. 2.3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from structrecon._errors import StructreconError
+from structrecon.cli import main
+from structrecon.generative import (
+    CVAE,
+    CVAESpec,
+    Surrogate,
+    SurrogateSpec,
+    TrainingData,
+    load_model,
+    load_training_data,
+    split_indices,
+    train,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pt10_structrepgen"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data/pt10_structrepgen")
+needs_data = pytest.mark.skipif(not (DATA / "x.csv").is_file(), reason="x.csv not available")
+
+
+def synthetic(n=200, f=380, seed=0):
+    """Fingerprints in the acsf-fung length; the property is a linear function of them."""
+    from structrecon.descriptors import preset
+
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0.0, 1.0, n)
+    basis = rng.normal(size=(2, f))
+    X = np.outer(y, basis[0]) + 0.3 * np.outer(rng.normal(size=n), basis[1]) + 5.0
+    X += 0.01 * rng.normal(size=X.shape)
+    return TrainingData(X, y, "p", preset("acsf-fung"), np.full(10, 78), np.zeros((3, 3)),
+                        np.zeros(3, bool))
+
+
+@pytest.fixture(scope="module")
+def pt10():
+    return load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
+
+
+def test_shapes():
+    torch.manual_seed(0)
+    cvae = CVAE(CVAESpec(n_features=380))
+    x, y = torch.randn(7, 380), torch.randn(7, 1)
+    x_hat, mu, logvar = cvae(x, y)
+    assert x_hat.shape == (7, 380) and mu.shape == (7, 25) and logvar.shape == (7, 25)
+    assert cvae.sample(y).shape == (7, 380)
+    # paper: three hidden layers of 128 in encoder and decoder
+    linears = [m for m in cvae.encoder if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [128, 128, 128, 50]
+    sur = Surrogate(SurrogateSpec(n_features=380))
+    linears = [m for m in sur.net if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 5 and linears[0].out_features == 256
+    assert sur(x).shape == (7,)
+
+
+def test_spec_validation():
+    with pytest.raises(StructreconError, match="valid: .*beta"):
+        CVAESpec.from_dict({"n_features": 10, "betta": 1.0})
+    with pytest.raises(StructreconError, match="latent"):
+        CVAESpec(n_features=10, latent=0)
+    with pytest.raises(StructreconError, match="activation"):
+        SurrogateSpec(n_features=10, activation="gelu2")
+    spec = CVAESpec(n_features=10)
+    assert CVAESpec.from_dict(spec.to_dict()) == spec
+    assert (spec.hidden, spec.layers, spec.latent, spec.beta, spec.lr, spec.batch_size) == (
+        128, 3, 25, 0.75, 1e-3, 64)
+    with pytest.raises(Exception):
+        spec.beta = 1.0  # frozen
+
+
+def test_split_is_80_20_and_seeded():
+    tr, va = split_indices(300, 0.8, 3)
+    assert len(tr) == 240 and len(va) == 60 and not set(tr) & set(va)
+    assert np.array_equal(tr, split_indices(300, 0.8, 3)[0])
+    assert not np.array_equal(tr, split_indices(300, 0.8, 4)[0])
+
+
+def test_save_load_round_trip(tmp_path):
+    data = synthetic(64)
+    for spec in (CVAESpec(n_features=380, epochs=2), SurrogateSpec(n_features=380, epochs=2)):
+        model = train(data, spec, seed=1, progress=False)
+        d = model.save(tmp_path / spec.kind)
+        assert (d / "loss.png").stat().st_size > 0
+        meta = json.loads((d / "spec.json").read_text())
+        assert meta["numbers"] == [78] * 10 and meta["fingerprint_spec"]["name"] == "acsf-fung"
+        state = torch.load(d / "model.pt", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        back = load_model(d, spec.kind)
+        assert back.model.spec == model.model.spec
+        if spec.kind == "cvae":
+            a, b = model.generate(2.0, 5, seed=3), back.generate(2.0, 5, seed=3)
+            assert a.shape == (5, 380)
+        else:
+            a, b = model.predict(data.fingerprints), back.predict(data.fingerprints)
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(StructreconError, match="holds a cvae model"):
+        load_model(tmp_path / "cvae", "surrogate")
+
+
+def test_training_reduces_losses():
+    data = synthetic(200)
+    cvae = train(data, CVAESpec(n_features=380, epochs=30), seed=0, progress=False)
+    h = cvae.history
+    assert h["train"][-1] < 0.5 * h["train"][0] and h["validation"][-1] < h["validation"][0]
+
+
+def test_surrogate_learns_linear_function():
+    data = synthetic(200)
+    sur = train(data, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
+    _, va = split_indices(200, 0.8, 0)
+    err = np.abs(sur.predict(data.fingerprints[va]) - data.prop[va])
+    # y spans [0, 1]; predicting the mean would give MAE ~0.25
+    assert err.mean() < 0.05
+
+
+@needs_data
+def test_conditioning_moves_surrogate_prediction(pt10):
+    sur = train(pt10, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
+    cvae = train(pt10, CVAESpec(n_features=380, epochs=150, beta=20.0), seed=0,
+                 progress=False)
+    low = sur.predict(cvae.generate(2.2, 500, seed=1))
+    high = sur.predict(cvae.generate(3.4, 500, seed=1))
+    assert np.median(high) - np.median(low) > 0.6  # targets are 1.2 eV/atom apart
+    assert abs(np.median(low) - 2.2) < 0.3 and abs(np.median(high) - 3.4) < 0.3
+    # generated samples are diverse, not one decoded point
+    assert cvae.generate(2.8, 50, seed=2).std(axis=0).max() > 0
+
+
+@needs_data
+def test_cli_train_generate(tmp_path, capsys):
+    x, y = str(DATA / "x.csv"), str(DATA / "y.csv")
+    assert main(["train", "cvae", "--data", x, "--y-csv", y, "--property", "e_form", "-o",
+                 str(tmp_path / "c"), "--epochs", "2", "--no-progress"]) == 0
+    assert main(["train", "surrogate", "--data", x, "--y-csv", y, "--property", "e_form",
+                 "-o", str(tmp_path / "s"), "--epochs", "2", "--no-progress"]) == 0
+    out = tmp_path / "gen.npz"
+    assert main(["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "4", "-o", str(out),
+                 "--surrogate", str(tmp_path / "s"), "--seed", "1"]) == 0
+    assert "surrogate: MAE" in capsys.readouterr().out
+    from structrecon.fingerprints import read_fingerprints
+
+    fset = read_fingerprints(out)
+    assert fset.names == [f"gen_2.5_{k}" for k in range(4)]
+    assert fset.fingerprints.shape == (4, 380) and np.all(fset.properties["target"] == 2.5)
+    assert all(np.array_equal(n, [78] * 10) for n in fset.numbers)
+
+
+def test_structures_db_train_and_validate(tmp_path, capsys):
+    import ase.db
+    import ase.io
+
+    from structrecon.data.pt_dataset import build_pt_dataset, formation_energies
+
+    db = tmp_path / "pt.db"
+    n = build_pt_dataset(db, 2, every=10, max_steps=30, seed=0, progress=False)
+    with ase.db.connect(str(db)) as con:
+        rows = list(con.select())
+    assert len(rows) == n >= 4
+    assert sum(r.minimum for r in rows) == 2
+    e = np.array([r.e_form for r in rows])
+    np.testing.assert_allclose(formation_energies([r.toatoms() for r in rows]), e, atol=1e-9)
+    assert main(["train", "surrogate", "--data", str(db), "--property", "e_form", "-o",
+                 str(tmp_path / "s"), "--epochs", "2", "--no-progress"]) == 0
+    ase.io.write(tmp_path / "s.extxyz", [r.toatoms() for r in rows[:2]])
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "s.extxyz"), "--calculator", "emt",
+                 "--target", f"{e[0]:.6f}"]) == 0
+    out = capsys.readouterr().out
+    assert "within +-0.1" in out and len(out.strip().splitlines()) == 3
+
+
+def test_bulk_energy_and_fps():
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from structrecon.data.pt_dataset import bulk_energy, furthest_point_sampling
+
+    e = bulk_energy("Pt", "emt")
+    for a in (3.85, 3.95, 4.05):  # the optimum is lower than any scanned lattice constant
+        atoms = bulk("Pt", "fcc", a=a)
+        atoms.calc = EMT()
+        assert e <= atoms.get_potential_energy() / len(atoms) + 1e-9
+    X = np.array([[0.0, 0], [0.1, 0], [10, 0], [0, 10], [0.05, 0.05]])
+    idx = furthest_point_sampling(X, 3, start=0)
+    assert list(idx) == [0, 2, 3] or list(idx) == [0, 3, 2]
+
+
+def _fails(argv, capsys, *fragments):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@needs_data
+def test_cli_errors(tmp_path, capsys):
+    x, y = str(DATA / "x.csv"), str(DATA / "y.csv")
+    _fails(["train", "cvae", "--data", str(tmp_path / "nope.db"), "--property", "e", "-o",
+            str(tmp_path / "m")], capsys, "does not exist")
+    _fails(["train", "cvae", "--data", x, "--property", "e", "-o", str(tmp_path / "m")],
+           capsys, "--y-csv")
+    _fails(["generate", str(tmp_path), "--target", "2", "-n", "3", "-o",
+            str(tmp_path / "g.npz")], capsys, "not a structrecon model directory")
+    _fails(["generate", str(tmp_path / "missing"), "--target", "2", "-n", "3", "-o",
+            str(tmp_path / "g.npz")], capsys, "does not exist")
+    # unknown property key in a fingerprint file
+    from structrecon.descriptors import preset
+    from structrecon.fingerprints import FingerprintSet, write_fingerprints
+
+    X = np.loadtxt(x, delimiter=",")[:5]
+    fset = FingerprintSet(preset("acsf-fung"), [str(k) for k in range(5)],
+                          [np.full(10, 78)] * 5, np.zeros((5, 3, 3)), np.zeros((5, 3), bool),
+                          X, {"e_form": np.arange(5.0)})
+    write_fingerprints(tmp_path / "fp.npz", fset)
+    _fails(["train", "cvae", "--data", str(tmp_path / "fp.npz"), "--property", "energy", "-o",
+            str(tmp_path / "m")], capsys, "'energy'", "available: e_form")
+    _fails(["train", "surrogate", "--data", x, "--y-csv", y, "--property", "e", "-o",
+            str(tmp_path / "m"), "--epochs", "0"], capsys, "epochs")
+    _fails(["validate", x, "--calculator", "dft", "--target", "2"], capsys)
+    import importlib.util
+
+    if importlib.util.find_spec("tblite") is None:
+        ase_file = tmp_path / "one.extxyz"
+        import ase.io
+
+        from structrecon.data.clusters import random_cluster
+
+        ase.io.write(ase_file, random_cluster("Pt", 10, np.random.default_rng(0)))
+        _fails(["validate", str(ase_file), "--calculator", "gfn2", "--target", "2"], capsys,
+               "tblite")
