@@ -8,9 +8,9 @@ Pipeline, each step the command a user would run:
 3. per target (25th/50th/75th percentile of the subset's ``e_form`` unless given):
    ``structrecon generate`` -> ``structrecon invert`` -> formation energy with EMT (the
    calculator that labelled the data), as ``structrecon validate`` computes it.
-4. The invalid-representation screen (Fung sec. 3.3): a generated fingerprint whose
-   reconstruction keeps a fingerprint RMSD above ``--screen`` is flagged; the table
-   is reported with and without the flagged samples.
+4. The invalid-representation screen (Fung sec. 3.3): the generated fingerprints whose
+   reconstruction keeps the highest fingerprint RMSD are flagged (all but the best
+   ``--screen-keep`` share); the table is reported with and without them.
 
 The paper uses 100 samples per target; the default here is 20 per target
 (``--samples 100`` runs the full size, ~5x longer) because each inversion of a
@@ -46,7 +46,13 @@ def main(argv=None):
     p.add_argument("--targets", type=float, nargs="*", help="eV/atom (default: quartiles)")
     p.add_argument("--epochs", type=int, default=2000)
     p.add_argument("--beta", type=float, default=20.0)
-    p.add_argument("--screen", type=float, default=5e-3, help="fingerprint RMSD screen")
+    p.add_argument(
+        "--screen-keep",
+        type=float,
+        default=0.5,
+        help="screen: keep this share of samples with the lowest reconstruction loss",
+    )
+    p.add_argument("--reuse", action="store_true", help="reuse a finished run's files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "table2"))
     args = p.parse_args(argv)
@@ -136,7 +142,9 @@ def main(argv=None):
         frames = ase.io.read(rec, ":")
         e = formation_energies(frames, "emt")
         fp = np.array([a.info["fingerprint_rmsd"] for a in frames])
-        ok = fp < args.screen
+        # invalid-representation screen: drop the samples whose reconstruction loss
+        # stays highest (Fung sec. 3.3), keeping the best --screen-keep share
+        ok = fp <= np.quantile(fp, args.screen_keep)
         err = np.abs(e - y)
         row = dict(
             target=y,
@@ -164,7 +172,8 @@ def main(argv=None):
     lines.append(
         f"{len(e_form)} EMT frames (furthest-point subset of {args.relaxations} relaxations), "
         f"cVAE beta {args.beta}, {args.epochs} epochs; {args.samples} samples per target; "
-        f"screen: fingerprint RMSD < {args.screen:g}. Data built in {t_data:.0f} s; "
+        f"screen: the {100 * args.screen_keep:.0f}% of samples with the lowest reconstruction "
+        f"fingerprint RMSD. Data built in {t_data:.0f} s; "
         f"{np.mean([r['seconds_per_inversion'] for r in rows]):.1f} s per inversion."
     )
     text = "\n".join(lines)
