@@ -38,8 +38,9 @@ def synthetic(n=200, f=380, seed=0):
     basis = rng.normal(size=(2, f))
     X = np.outer(y, basis[0]) + 0.3 * np.outer(rng.normal(size=n), basis[1]) + 5.0
     X += 0.01 * rng.normal(size=X.shape)
-    return TrainingData(X, y, "p", preset("acsf-fung"), np.full(10, 78), np.zeros((3, 3)),
-                        np.zeros(3, bool))
+    return TrainingData(
+        X, y, "p", preset("acsf-fung"), np.full(10, 78), np.zeros((3, 3)), np.zeros(3, bool)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,13 @@ def test_spec_validation():
     spec = CVAESpec(n_features=10)
     assert CVAESpec.from_dict(spec.to_dict()) == spec
     assert (spec.hidden, spec.layers, spec.latent, spec.beta, spec.lr, spec.batch_size) == (
-        128, 3, 25, 0.75, 1e-3, 64)
+        128,
+        3,
+        25,
+        0.75,
+        1e-3,
+        64,
+    )
     with pytest.raises(Exception):
         spec.beta = 1.0  # frozen
 
@@ -126,8 +133,7 @@ def test_surrogate_learns_linear_function():
 @needs_data
 def test_conditioning_moves_surrogate_prediction(pt10):
     sur = train(pt10, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
-    cvae = train(pt10, CVAESpec(n_features=380, epochs=150, beta=20.0), seed=0,
-                 progress=False)
+    cvae = train(pt10, CVAESpec(n_features=380, epochs=150, beta=20.0), seed=0, progress=False)
     low = sur.predict(cvae.generate(2.2, 500, seed=1))
     high = sur.predict(cvae.generate(3.4, 500, seed=1))
     assert np.median(high) - np.median(low) > 0.6  # targets are 1.2 eV/atom apart
@@ -139,13 +145,66 @@ def test_conditioning_moves_surrogate_prediction(pt10):
 @needs_data
 def test_cli_train_generate(tmp_path, capsys):
     x, y = str(DATA / "x.csv"), str(DATA / "y.csv")
-    assert main(["train", "cvae", "--data", x, "--y-csv", y, "--property", "e_form", "-o",
-                 str(tmp_path / "c"), "--epochs", "2", "--no-progress"]) == 0
-    assert main(["train", "surrogate", "--data", x, "--y-csv", y, "--property", "e_form",
-                 "-o", str(tmp_path / "s"), "--epochs", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "cvae",
+                "--data",
+                x,
+                "--y-csv",
+                y,
+                "--property",
+                "e_form",
+                "-o",
+                str(tmp_path / "c"),
+                "--epochs",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "surrogate",
+                "--data",
+                x,
+                "--y-csv",
+                y,
+                "--property",
+                "e_form",
+                "-o",
+                str(tmp_path / "s"),
+                "--epochs",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "gen.npz"
-    assert main(["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "4", "-o", str(out),
-                 "--surrogate", str(tmp_path / "s"), "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "c"),
+                "--target",
+                "2.5",
+                "-n",
+                "4",
+                "-o",
+                str(out),
+                "--surrogate",
+                str(tmp_path / "s"),
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "surrogate: MAE" in capsys.readouterr().out
     from structrecon.fingerprints import read_fingerprints
 
@@ -169,12 +228,39 @@ def test_structures_db_train_and_validate(tmp_path, capsys):
     assert sum(r.minimum for r in rows) == 2
     e = np.array([r.e_form for r in rows])
     np.testing.assert_allclose(formation_energies([r.toatoms() for r in rows]), e, atol=1e-9)
-    assert main(["train", "surrogate", "--data", str(db), "--property", "e_form", "-o",
-                 str(tmp_path / "s"), "--epochs", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "surrogate",
+                "--data",
+                str(db),
+                "--property",
+                "e_form",
+                "-o",
+                str(tmp_path / "s"),
+                "--epochs",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ase.io.write(tmp_path / "s.extxyz", [r.toatoms() for r in rows[:2]])
     capsys.readouterr()
-    assert main(["validate", str(tmp_path / "s.extxyz"), "--calculator", "emt",
-                 "--target", f"{e[0]:.6f}"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                str(tmp_path / "s.extxyz"),
+                "--calculator",
+                "emt",
+                "--target",
+                f"{e[0]:.6f}",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "within +-0.1" in out and len(out.strip().splitlines()) == 3
 
@@ -206,27 +292,92 @@ def _fails(argv, capsys, *fragments):
 @needs_data
 def test_cli_errors(tmp_path, capsys):
     x, y = str(DATA / "x.csv"), str(DATA / "y.csv")
-    _fails(["train", "cvae", "--data", str(tmp_path / "nope.db"), "--property", "e", "-o",
-            str(tmp_path / "m")], capsys, "does not exist")
-    _fails(["train", "cvae", "--data", x, "--property", "e", "-o", str(tmp_path / "m")],
-           capsys, "--y-csv")
-    _fails(["generate", str(tmp_path), "--target", "2", "-n", "3", "-o",
-            str(tmp_path / "g.npz")], capsys, "not a structrecon model directory")
-    _fails(["generate", str(tmp_path / "missing"), "--target", "2", "-n", "3", "-o",
-            str(tmp_path / "g.npz")], capsys, "does not exist")
+    _fails(
+        [
+            "train",
+            "cvae",
+            "--data",
+            str(tmp_path / "nope.db"),
+            "--property",
+            "e",
+            "-o",
+            str(tmp_path / "m"),
+        ],
+        capsys,
+        "does not exist",
+    )
+    _fails(
+        ["train", "cvae", "--data", x, "--property", "e", "-o", str(tmp_path / "m")],
+        capsys,
+        "--y-csv",
+    )
+    _fails(
+        ["generate", str(tmp_path), "--target", "2", "-n", "3", "-o", str(tmp_path / "g.npz")],
+        capsys,
+        "not a structrecon model directory",
+    )
+    _fails(
+        [
+            "generate",
+            str(tmp_path / "missing"),
+            "--target",
+            "2",
+            "-n",
+            "3",
+            "-o",
+            str(tmp_path / "g.npz"),
+        ],
+        capsys,
+        "does not exist",
+    )
     # unknown property key in a fingerprint file
     from structrecon.descriptors import preset
     from structrecon.fingerprints import FingerprintSet, write_fingerprints
 
     X = np.loadtxt(x, delimiter=",")[:5]
-    fset = FingerprintSet(preset("acsf-fung"), [str(k) for k in range(5)],
-                          [np.full(10, 78)] * 5, np.zeros((5, 3, 3)), np.zeros((5, 3), bool),
-                          X, {"e_form": np.arange(5.0)})
+    fset = FingerprintSet(
+        preset("acsf-fung"),
+        [str(k) for k in range(5)],
+        [np.full(10, 78)] * 5,
+        np.zeros((5, 3, 3)),
+        np.zeros((5, 3), bool),
+        X,
+        {"e_form": np.arange(5.0)},
+    )
     write_fingerprints(tmp_path / "fp.npz", fset)
-    _fails(["train", "cvae", "--data", str(tmp_path / "fp.npz"), "--property", "energy", "-o",
-            str(tmp_path / "m")], capsys, "'energy'", "available: e_form")
-    _fails(["train", "surrogate", "--data", x, "--y-csv", y, "--property", "e", "-o",
-            str(tmp_path / "m"), "--epochs", "0"], capsys, "epochs")
+    _fails(
+        [
+            "train",
+            "cvae",
+            "--data",
+            str(tmp_path / "fp.npz"),
+            "--property",
+            "energy",
+            "-o",
+            str(tmp_path / "m"),
+        ],
+        capsys,
+        "'energy'",
+        "available: e_form",
+    )
+    _fails(
+        [
+            "train",
+            "surrogate",
+            "--data",
+            x,
+            "--y-csv",
+            y,
+            "--property",
+            "e",
+            "-o",
+            str(tmp_path / "m"),
+            "--epochs",
+            "0",
+        ],
+        capsys,
+        "epochs",
+    )
     _fails(["validate", x, "--calculator", "dft", "--target", "2"], capsys)
     import importlib.util
 
@@ -237,5 +388,6 @@ def test_cli_errors(tmp_path, capsys):
         from structrecon.data.clusters import random_cluster
 
         ase.io.write(ase_file, random_cluster("Pt", 10, np.random.default_rng(0)))
-        _fails(["validate", str(ase_file), "--calculator", "gfn2", "--target", "2"], capsys,
-               "tblite")
+        _fails(
+            ["validate", str(ase_file), "--calculator", "gfn2", "--target", "2"], capsys, "tblite"
+        )

@@ -174,3 +174,19 @@ def test_periodic_target_is_recovered_from_a_rattled_start():
     res = invert([t], spec, AdamHops(trials=2, hops=2, steps=50, lr=0.01))[0]
     assert res.fingerprint_rmsd < 1e-4
     assert res.atoms.pbc.all() and np.allclose(res.atoms.cell.array, atoms.cell.array)
+
+
+def test_rounds_restart_only_open_targets():
+    """A second round runs only for targets still open: trials used say so."""
+    frames, targets = pt_targets(2, 5, seed=6)
+    impossible = Target(
+        name="bad", numbers=targets[0].numbers, fingerprint=targets[0].fingerprint + 0.5
+    )  # not realisable
+    results = invert(
+        [targets[0], impossible],
+        "acsf-fung",
+        AdamHops(trials=4, hops=2, steps=60, rounds=3),
+        seed=0,
+    )
+    assert results[0].converged and results[0].trials == 4
+    assert not results[1].converged and results[1].trials == 12

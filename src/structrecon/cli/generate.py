@@ -53,9 +53,7 @@ def run(args) -> int:
     fset.validate()
     output = args.output if args.output.endswith(".npz") else args.output + ".npz"
     write_fingerprints(output, fset)
-    print(
-        f"wrote {args.n} generated fingerprint(s) for {cvae.prop_name} = {label} to {output}"
-    )
+    print(f"wrote {args.n} generated fingerprint(s) for {cvae.prop_name} = {label} to {output}")
     if surrogate is not None:
         pred = surrogate.predict(X)
         err = np.abs(pred - args.target)

@@ -20,6 +20,7 @@ METHOD_OPTIONS = {
     "steps": "steps",
     "lr": "lr",
     "iterations": "iterations",
+    "rounds": "rounds",
 }
 
 
@@ -37,6 +38,11 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, help="optimiser steps per hop (adam-hops: 100)")
     p.add_argument("--lr", type=float, help="Adam learning rate, Angstrom (adam-hops: 0.1)")
     p.add_argument("--iterations", type=int, help="noisy-gd iterations (50000)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="adam-hops: fresh trials x hops for targets still open, up to this many rounds (1)",
+    )
     p.add_argument("--start", help="start structure(s): one frame, or one per target")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(

@@ -75,8 +75,9 @@ def bulk_energy(symbol: str = "Pt", calculator: str = "emt") -> float:
         atoms.calc = get_calculator(calculator)
         return float(atoms.get_potential_energy()) / len(atoms)
 
-    res = minimize_scalar(energy, bounds=(0.9 * a0, 1.1 * a0), method="bounded",
-                          options={"xatol": 1e-4})
+    res = minimize_scalar(
+        energy, bounds=(0.9 * a0, 1.1 * a0), method="bounded", options={"xatol": 1e-4}
+    )
     return float(res.fun)
 
 
@@ -90,8 +91,7 @@ def formation_energies(frames, calculator: str = "emt") -> np.ndarray:
         symbols = set(atoms.get_chemical_symbols())
         if len(symbols) != 1:
             raise StructreconError(
-                f"structure {k}: formation energy per atom needs one element, got "
-                f"{sorted(symbols)}"
+                f"structure {k}: formation energy per atom needs one element, got {sorted(symbols)}"
             )
         a = atoms.copy()
         a.calc = get_calculator(calculator)
@@ -282,7 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--subset", type=int, nargs="*", default=[], help="FPS subset sizes")
     args = p.parse_args(argv)
     n = build_pt_dataset(
-        args.output, args.relaxations, every=args.every, calculator=args.calculator,
+        args.output,
+        args.relaxations,
+        every=args.every,
+        calculator=args.calculator,
         seed=args.seed,
     )
     print(f"wrote {n} frames to {args.output}")

@@ -120,8 +120,13 @@ def load_training_data(
             raise StructreconError(f"{p} was made with another fingerprint spec than -d {spec}")
         _check_one_composition(fset.numbers, p)
         return TrainingData(
-            fset.fingerprints, fset.properties[key], key, fset.spec,
-            fset.numbers[0], fset.cells[0], fset.pbc[0],
+            fset.fingerprints,
+            fset.properties[key],
+            key,
+            fset.spec,
+            fset.numbers[0],
+            fset.cells[0],
+            fset.pbc[0],
         )
     frames, prop = _read_structures(p, key)
     _check_one_composition([a.numbers for a in frames], p)

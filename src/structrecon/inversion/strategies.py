@@ -260,6 +260,9 @@ class AdamHops:
     otherwise Gaussian noise of ``hop_noise`` Angstrom is added to every trial and the
     next hop starts.  Random starts use spheres scaled from 1 to ``spread`` times the
     compact radius of :func:`random_positions`, so open structures are reachable too.
+    With ``rounds`` > 1, targets still open after all hops start again from fresh
+    random trials, up to ``rounds`` times (the paper's protocol is ``rounds=1``); the
+    result's ``trials`` counts the trials a target used.
     """
 
     trials: int = 10
@@ -273,11 +276,14 @@ class AdamHops:
     polish_top: int = 2
     polish_steps: int = 40
     explore_dtype: str = "float32"
+    rounds: int = 1
 
     name = "adam-hops"
 
     def __post_init__(self):
-        _positive(self, "trials", "hops", "steps", "lr", "lr_final", "spread", "polish_top")
+        _positive(
+            self, "trials", "hops", "steps", "lr", "lr_final", "spread", "polish_top", "rounds"
+        )
         get_loss(self.loss)
         if self.explore_dtype not in ("float32", "float64"):
             raise StructreconError("adam-hops: explore_dtype must be float32 or float64")
@@ -287,19 +293,7 @@ class AdamHops:
         t_count, k = problem.n_targets, self.trials
         dtype = problem.targets.dtype
         xdtype = getattr(torch, self.explore_dtype)
-        if problem.starts is not None:
-            base = problem.starts.repeat_interleave(k, dim=0)
-            noise = torch.randn(base.shape, generator=generator, dtype=dtype) * self.hop_noise
-            noise[::k] = 0.0  # the first trial of each target starts exactly at its start
-            x = base + noise
-        else:
-            x = random_positions(
-                problem.numbers, problem.cell, problem.pbc, t_count * k, generator, dtype
-            )
-            if problem.cell is None or not any(problem.pbc):
-                scale = torch.linspace(1.0, self.spread, k, dtype=dtype).repeat(t_count)
-                x = x * scale[:, None, None]
-        x = x.reshape(t_count, k, *x.shape[1:])
+        x = self._starts(problem, generator, first_exact=True)
         best_x = x[:, 0].clone()
         best_rmsd = torch.full((t_count,), math.inf, dtype=dtype)
         history: list[list[float]] = [[] for _ in range(t_count)]
@@ -307,10 +301,15 @@ class AdamHops:
         loss_fn = get_loss(self.loss)
         gamma = (self.lr_final / self.lr) ** (1.0 / max(self.steps - 1, 1))
         top = min(self.polish_top, k)
-        for _ in range(self.hops):
+        rounds = torch.zeros(t_count, dtype=torch.long)
+        for hop in range(self.hops * self.rounds):
             idx = torch.nonzero(active).flatten()
             if idx.numel() == 0:
                 break
+            if hop % self.hops == 0:  # a new round: fresh starts for the open targets
+                rounds[idx] += 1
+                if hop > 0:
+                    x[idx] = self._starts(problem, generator, first_exact=False)[idx]
             m = idx.numel()
             targets = problem.targets[idx].repeat_interleave(k, dim=0).to(xdtype)
             var = x[idx].reshape(-1, *x.shape[2:]).to(xdtype).requires_grad_(True)
@@ -353,8 +352,26 @@ class AdamHops:
                 x[idx] = x[idx] + self.hop_noise * torch.randn(
                     x[idx].shape, generator=generator, dtype=dtype
                 )
-        trials = np.full(t_count, k)
-        return _final(problem, self.loss, best_x, trials, history)
+        return _final(problem, self.loss, best_x, (rounds * k).numpy(), history)
+
+    def _starts(self, problem: Problem, generator, *, first_exact: bool) -> torch.Tensor:
+        """Trial starts [T, trials, N, 3]: around the given starts, or random."""
+        t_count, k = problem.n_targets, self.trials
+        dtype = problem.targets.dtype
+        if problem.starts is not None:
+            base = problem.starts.repeat_interleave(k, dim=0)
+            noise = torch.randn(base.shape, generator=generator, dtype=dtype) * self.hop_noise
+            if first_exact:
+                noise[::k] = 0.0  # the first trial of each target starts exactly at its start
+            x = base + noise
+        else:
+            x = random_positions(
+                problem.numbers, problem.cell, problem.pbc, t_count * k, generator, dtype
+            )
+            if problem.cell is None or not any(problem.pbc):
+                scale = torch.linspace(1.0, self.spread, k, dtype=dtype).repeat(t_count)
+                x = x * scale[:, None, None]
+        return x.reshape(t_count, k, *x.shape[1:])
 
 
 @dataclass(frozen=True, kw_only=True)
