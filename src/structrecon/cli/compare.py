@@ -56,7 +56,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..evaluate import compare_sets, plot_distributions
-    from ._io import frame_name, read_frames
+    from ..io import frame_name, read_frames
 
     refs = read_frames(args.reference, "reference")
     outs = read_frames(args.output, "output")

@@ -29,7 +29,7 @@ def run(args) -> int:
     """Describe and write."""
     from ..descriptors import describe, load_spec
     from ..fingerprints import FingerprintSet, write_fingerprints
-    from ._io import frame_name, read_frames
+    from ..io import frame_name, read_frames
 
     spec = load_spec(args.descriptor)
     frames = read_frames(args.input)

@@ -90,7 +90,7 @@ def run(args) -> int:
 
     from ..fingerprints import read_fingerprints
     from ..inversion import Repulsion, get_strategy, invert_iter, targets_from_fingerprints
-    from ._io import read_frames
+    from ..io import read_frames
 
     if args.batch < 1:
         raise StructreconError("--batch must be at least 1")

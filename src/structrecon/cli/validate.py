@@ -22,7 +22,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..data.pt_dataset import formation_energies, get_calculator
-    from ._io import frame_name, read_frames
+    from ..io import frame_name, read_frames
 
     get_calculator(args.calculator)  # unknown name or missing tblite: one-line error first
     frames = read_frames(args.structures, "structures")

@@ -9,6 +9,7 @@ import numpy as np
 
 from .._errors import StructreconError
 from ..descriptors import FingerprintSpec, load_spec
+from ..io import check_file
 from .training import TrainingData
 
 __all__ = ["load_training_data", "frame_property"]
@@ -53,7 +54,7 @@ def _read_structures(path: Path, key: str):
             )
         available = sorted(set().union(*[r.key_value_pairs for r in rows]))
     else:
-        from ..cli._io import read_frames
+        from ..io import read_frames
 
         frames = read_frames(str(path), "data")
         values = [frame_property(a, key) for a in frames]
@@ -87,13 +88,7 @@ def load_training_data(
     key : property name (e.g. ``e_form``, eV/atom).
     All structures must share one composition; the first frame's cell/pbc are kept.
     """
-    p = Path(path)
-    if not p.exists():
-        raise StructreconError(f"data file {p} does not exist")
-    if p.is_dir():
-        raise StructreconError(f"data {p} is a directory, not a file")
-    if p.stat().st_size == 0:
-        raise StructreconError(f"data file {p} is empty")
+    p = check_file(path, "data")
     if y_csv is not None and p.suffix.lower() != ".csv":
         raise StructreconError("--y-csv goes with a CSV of fingerprints as DATA")
     if p.suffix.lower() == ".csv":
