@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
 
 def add_arguments(p):
     """Arguments of ``structrecon describe``."""
@@ -27,6 +25,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     """Describe and write."""
+    import numpy as np
+
     from ..descriptors import describe, load_spec
     from ..fingerprints import FingerprintSet, write_fingerprints
     from ..io import frame_name, read_frames
@@ -57,6 +57,8 @@ def run(args) -> int:
 
 def _scalar_properties(atoms) -> dict[str, float]:
     """Scalar numbers of a frame: its info keys and a stored calculator's energy."""
+    import numpy as np
+
     out = {
         k: float(v)
         for k, v in atoms.info.items()
