@@ -13,7 +13,7 @@ from .._errors import StructreconError
 __all__ = ["FingerprintSpec", "POOLINGS", "register_descriptor", "descriptor_kinds"]
 
 #: pooling kinds over the atoms of a structure (see :mod:`structrecon.descriptors.pooling`)
-POOLINGS = ("maxmin", "sum-species", "mean", "sum")
+POOLINGS = ("maxmin", "sum-species", "mean", "sum", "none")
 
 _DESCRIPTORS: dict[str, type] = {}
 
@@ -56,7 +56,8 @@ class FingerprintSpec:
     ----------
     descriptor : a registered descriptor spec (e.g. :class:`ACSFSpec`).
     pooling : one of :data:`POOLINGS`.  ``maxmin`` is Fung 2022 eq. 3, ``sum-species``
-        Cobelli 2022 eq. 2.
+        Cobelli 2022 eq. 2; ``none`` is for global descriptors (one row per structure,
+        e.g. MILAD moment invariants), whose ``build`` returns [B, 1, F].
     name : preset name, for display only.
     """
 
@@ -87,7 +88,7 @@ class FingerprintSpec:
             return 2 * per_atom
         if self.pooling == "sum-species":
             return len(self.species) * per_atom
-        return per_atom
+        return per_atom  # mean, sum, and none (a global descriptor)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/TOML-able) that :meth:`from_dict` reads back."""
