@@ -133,7 +133,7 @@ def test_repulsion_is_smooth_at_r_min_and_repulsive_inside():
 
 
 def test_unknown_method_and_option_are_named():
-    with pytest.raises(StructreconError, match="valid: adam-hops, lbfgs, noisy-gd"):
+    with pytest.raises(StructreconError, match="valid: adam-hops, lbfgs, lm, noisy-gd"):
         get_strategy("simplex")
     with pytest.raises(StructreconError, match="no option.*iterations"):
         get_strategy("adam-hops", iterations=5)
@@ -190,3 +190,25 @@ def test_rounds_restart_only_open_targets():
     )
     assert results[0].converged and results[0].trials == 4
     assert not results[1].converged and results[1].trials == 12
+
+
+def test_local_lm_recovers_md_like_frames_from_the_relaxed_start():
+    # targets: ethanol rattled by 0.15 A (like an MD frame); start: the relaxed geometry
+    relaxed = molecule("CH3CH2OH")
+    rng = np.random.default_rng(4)
+    frames = []
+    for _ in range(2):
+        a = relaxed.copy()
+        a.positions += rng.normal(scale=0.15, size=a.positions.shape)
+        frames.append(a)
+    fps = describe("acsf", frames)
+    targets = [
+        Target(name=str(k), numbers=a.numbers, fingerprint=fps[k], start=relaxed.positions)
+        for k, a in enumerate(frames)
+    ]
+    results = invert(targets, "acsf", get_strategy("lm", trials=4, hops=3), seed=0)
+    for ref, res in zip(frames, results):
+        assert res.converged and res.fingerprint_rmsd < 1e-4
+        assert structure_rmsd(ref, res.atoms) < 0.05
+    # negative control: the relaxed start itself is far from the frames
+    assert min(structure_rmsd(ref, relaxed) for ref in frames) > 0.1

@@ -31,7 +31,8 @@ def add_arguments(p):
     p.add_argument(
         "--method",
         default="adam-hops",
-        help="adam-hops (Fung 2022, default), noisy-gd (Cobelli 2022), lbfgs",
+        help="adam-hops (Fung 2022, default), noisy-gd (Cobelli 2022), lm (Levenberg-Marquardt "
+        "from perturbed copies of --start; fast for targets near a known structure), lbfgs",
     )
     p.add_argument("--attempts", type=int, help="random starts (trials) per target (adam-hops: 10)")
     p.add_argument("--hops", type=int, help="noise hops per trial (adam-hops: 5)")
