@@ -15,22 +15,44 @@ from .._errors import StructreconError
 from ..structures import atoms_groups
 from ._spec import POOLINGS, FingerprintSpec, descriptor_kinds, register_descriptor
 from .acsf import ACSFSpec, acsf_fn, cosine_cutoff
+from .milad import (
+    MiladSpec,
+    MomentInvariants,
+    density_from_moments,
+    geometric_moments,
+    load_invariants,
+    zernike_basis,
+    zernike_indices,
+    zernike_moments,
+)
 from .pooling import pool
+from .snap import BispectrumSpec
+from .soap import SoapSpec
 
 __all__ = [
     "ACSFSpec",
+    "BispectrumSpec",
     "FingerprintSpec",
+    "MiladSpec",
+    "MomentInvariants",
     "POOLINGS",
     "PRESETS",
+    "SoapSpec",
     "acsf_fn",
     "cosine_cutoff",
+    "density_from_moments",
     "describe",
     "descriptor_kinds",
     "fingerprint_fn",
+    "geometric_moments",
+    "load_invariants",
     "load_spec",
     "pool",
     "preset",
     "register_descriptor",
+    "zernike_basis",
+    "zernike_indices",
+    "zernike_moments",
 ]
 
 
@@ -63,10 +85,88 @@ def _acsf_molecules() -> FingerprintSpec:
     return FingerprintSpec(descriptor=desc, pooling="sum-species", name="acsf")
 
 
+def _milad() -> FingerprintSpec:
+    """Uhrin 2021 QM9 settings, positions only, 117 invariants.
+
+    Zernike n_max = 7, cutoff 5 A, delta functions of unit weight (any element),
+    centred on the centroid.
+    """
+    desc = MiladSpec(n_max=7, cutoff=5.0, feature="delta")
+    return FingerprintSpec(descriptor=desc, pooling="none", name="milad")
+
+
+def _milad_species() -> FingerprintSpec:
+    """As ``milad`` with species weights H 1.1, C 1.3, O 1.5, N 1.7, F 1.9.
+
+    The weights of Uhrin 2021, section IV A, as the paper's text gives them; the
+    ``milad`` package's code maps N to 1.5 and O to 1.7 instead (it sorts atomic
+    numbers onto the range 1-2).
+    """
+    desc = MiladSpec(
+        n_max=7,
+        cutoff=5.0,
+        feature="delta",
+        species=(1, 6, 8, 7, 9),
+        weights=(1.1, 1.3, 1.5, 1.7, 1.9),
+    )
+    return FingerprintSpec(descriptor=desc, pooling="none", name="milad-species")
+
+
+def _soap_molecules() -> FingerprintSpec:
+    """SOAP power spectrum for organic molecules (H, C, N, O, F), summed per species.
+
+    Cutoff 5 A (second and third neighbours of organic molecules, and most of a
+    ~20-atom molecule) with a 0.5 A shifted-cosine smoothing; Gaussian width 0.4 A,
+    about a third of the shortest bond (C-H 1.09 A), so neighbours stay resolved while
+    the loss landscape stays smooth; 7 GTO radial functions (max_radial 6) and
+    l <= 4, a compromise between resolution and fingerprint size.
+    Per atom 15 species pairs x 5 x 7^2 = 3675 values; pooled by centre species as
+    Cobelli 2022 eq. 2: 5 x 3675 = 18375.
+    """
+    desc = SoapSpec(
+        cutoff=5.0,
+        cutoff_width=0.5,
+        density_width=0.4,
+        max_radial=6,
+        max_angular=4,
+        species=[1, 6, 7, 8, 9],
+    )
+    return FingerprintSpec(descriptor=desc, pooling="sum-species", name="soap")
+
+
+def _bispectrum_cobelli() -> FingerprintSpec:
+    """Cobelli 2022 settings (l_max = 4, r_c = 6 A) for H, C, N, O; 55 per atom, 220 pooled.
+
+    twojmax = 8 (l_max = twojmax / 2 = 4).  The pair cutoff rcutfac (R_i + R_j) is 6 A for
+    every pair with the radii R = 1 A and rcutfac = 3 of the paper's code
+    (github.com/MCobe94/descriptors-inversion: ``rcutfac=3``, ``twojmax=8`` in
+    dask_inversion.py; radii and weights all 1.0 and ``rmin0 0.0`` in
+    inv/descriptors/bispectrum.py).  rfac0 = 0.99 as in that code (LAMMPS has no default
+    for it; its examples use 0.99363).  Weights 1 for every species, so species enter only
+    through the per-species sums; switching function and B0 subtraction on (LAMMPS
+    defaults, which that code kept).  Per-atom bispectra summed over the atoms of each
+    species (Cobelli 2022 eq. 2).
+    """
+    desc = BispectrumSpec(
+        twojmax=8,
+        rcutfac=3.0,
+        species=[1, 6, 7, 8],
+        radii=[1.0, 1.0, 1.0, 1.0],
+        weights=[1.0, 1.0, 1.0, 1.0],
+        rfac0=0.99,
+        rmin0=0.0,
+    )
+    return FingerprintSpec(descriptor=desc, pooling="sum-species", name="bispectrum-cobelli")
+
+
 #: preset name -> factory of the spec
 PRESETS = {
+    "bispectrum-cobelli": _bispectrum_cobelli,
     "acsf-fung": _acsf_fung,
     "acsf": _acsf_molecules,
+    "milad": _milad,
+    "milad-species": _milad_species,
+    "soap": _soap_molecules,
 }
 
 

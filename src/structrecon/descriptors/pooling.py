@@ -27,7 +27,9 @@ def pool(features: torch.Tensor, kind: str, numbers=None, species=()) -> torch.T
         return torch.cat([features.amax(dim=1), features.amin(dim=1)], dim=-1)
     if kind == "none":
         if features.shape[1] != 1:
-            raise ValueError(f"pooling 'none' needs [B, 1, F] features, got {tuple(features.shape)}")
+            raise ValueError(
+                f"pooling 'none' needs [B, 1, F] features, got {tuple(features.shape)}"
+            )
         return features[:, 0]
     if kind == "mean":
         return features.mean(dim=1)
