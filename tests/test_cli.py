@@ -208,3 +208,12 @@ def test_help_documents_every_command():
     for cmd in ["describe", "invert", "compare", "demo"]:
         code, out, _ = run_cli(cmd, "--help")
         assert code == 0 and "usage: structrecon " + cmd in out
+
+
+def test_describe_help_names_every_preset():
+    from structrecon.descriptors import PRESETS
+
+    code, out, _ = run_cli("describe", "--help")
+    text = " ".join(out.split())  # argparse wraps the help text
+    missing = [name for name in PRESETS if name not in text]
+    assert code == 0 and not missing

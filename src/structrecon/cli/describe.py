@@ -18,7 +18,8 @@ def add_arguments(p):
         "--descriptor",
         required=True,
         metavar="SPEC",
-        help="preset name (acsf-fung, acsf) or a TOML spec file",
+        help="preset name (acsf-fung, acsf, bispectrum-cobelli, soap, milad, milad-species) "
+        "or a TOML spec file",
     )
     p.add_argument("-o", "--output", required=True, help="fingerprint file to write (.npz)")
 

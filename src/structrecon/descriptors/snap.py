@@ -1,0 +1,632 @@
+"""SNAP bispectrum components, as LAMMPS ``compute sna/atom`` defines them.
+
+Definitions (Thompson et al., J. Comput. Phys. 285, 316 (2015); Bartok et al.,
+Phys. Rev. Lett. 104, 136403 (2010); summarised in Cobelli 2022 eq. 1 and Uhrin 2021
+section II B).  For a centre atom i and a neighbour i' at displacement r, |r| = r, inside
+the pair cutoff R_ii' = rcutfac (R_i + R_i'):
+
+- the ball is mapped onto the 3-sphere by the polar angle
+  theta0 = rfac0 pi (r - rmin0) / (R_ii' - rmin0); the neighbour is the SU(2) element with
+  Cayley-Klein parameters a = cos theta0 - i (z/r) sin theta0, b = (y/r - i x/r) sin theta0;
+- the neighbour density is expanded in Wigner matrices U^j (j = 0, 1/2, ..., twojmax/2):
+  u^j = U^j(identity) + sum_i' f_c(r) w_i' U^j(a, b), with the switching function
+  f_c(r) = (cos(pi (r - rmin0) / (R_ii' - rmin0)) + 1) / 2 (1 for r <= rmin0, and 1 for
+  every neighbour inside the cutoff without ``switchflag``);
+- Z^j_{j1 j2} = C^T (u^{j1} (x) u^{j2}) C couples two expansions with Clebsch-Gordan
+  coefficients C, and B_{j1 j2 j} = sum_{m m'} conj(u^j_{m m'}) Z^j_{j1 j2, m m'}
+  (Thompson 2015 eq. 5), minus the value B0 = 2j + 1 of an atom without neighbours
+  (``bzeroflag``), divided by 2j + 1 with ``bnormflag``.
+
+Components are the triples j2 <= j1 <= j <= twojmax/2 with j1 + j2 + j integral, in the
+order of the LAMMPS documentation (j1 outer, then j2, then j; 55 for twojmax = 8).
+Chemical resolution (LAMMPS ``chem``), quadratic terms and the inner switching function are
+not implemented (LAMMPS defaults: off); without ``chem``, ``wselfallflag`` has no effect.
+
+Implementation.  Labels are doubled (``j`` here is 2j) and matrix indices run 0..j as in
+LAMMPS.  The Wigner matrices of every neighbour pair come from the recursion of Varshalovich,
+Moskalev and Khersonskii (section 4.8.2) in j, as shifts and elementwise products of whole
+[m, m'] blocks vectorised over pairs; only the columns m' <= j/2 are computed, the others
+follow from U^j_{j-m, j-m'} = (-1)^(m-m') conj(U^j_{m m'}).  In clusters each unordered pair
+is computed once (the reverse displacement gives the Hermitian conjugate).  The triple
+product is contracted per j1 with one batched real matrix product over atoms,
+W = u^{j1} S^T, where S stacks the Clebsch-Gordan-weighted, shifted rows of every u^{j2}
+that pairs with u^{j1}; the components are then Re(W conj(u^j)) summed with CG weights by a
+constant matrix.  Index tables are built once per ``twojmax`` in NumPy.  The cost is
+dominated by that contraction, ~40k complex multiply-adds per atom for twojmax = 8, as
+arrays of ~5.5k complex values per atom: float32 positions halve the memory traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .._errors import StructreconError
+from ..structures import lattice_shifts, neighbour_geometry
+from ._spec import register_descriptor, spec_from_fields
+
+__all__ = ["BispectrumSpec", "bispectrum_fn", "bispectrum_triples"]
+
+#: largest twojmax accepted (the work per atom grows as twojmax^5)
+_MAX_TWOJMAX = 16
+#: batches are evaluated in chunks whose largest intermediate array stays below this
+_CHUNK_BYTES = 1 << 24
+
+
+def bispectrum_triples(twojmax: int) -> list[tuple[int, int, int]]:
+    """The (2 j1, 2 j2, 2 j) labels of the components, in LAMMPS order."""
+    out = []
+    for j1 in range(twojmax + 1):
+        for j2 in range(j1 + 1):
+            for j in range(j1 - j2, min(twojmax, j1 + j2) + 1, 2):
+                if j >= j1:
+                    out.append((j1, j2, j))
+    return out
+
+
+def _clebsch_gordan(j1: int, j2: int, j: int) -> np.ndarray:
+    """C(j1 m1, j2 m2 | j m) for doubled labels, as a [j1 + 1, j2 + 1] array.
+
+    Entry [m1, m2] (indices 0..j1, 0..j2, i.e. m = index - j/2) couples to
+    m = m1 + m2 - (j1 + j2 - j) / 2; zero where that is outside 0..j.  Racah's formula
+    (Varshalovich et al. 8.2.1), evaluated in exact rational arithmetic.
+    """
+    fac = math.factorial
+    out = np.zeros((j1 + 1, j2 + 1))
+    h = (j1 + j2 - j) // 2
+    delta = Fraction(
+        (j + 1) * fac(h) * fac((j1 - j2 + j) // 2) * fac((j2 - j1 + j) // 2),
+        fac((j1 + j2 + j) // 2 + 1),
+    )
+    for m1 in range(j1 + 1):
+        for m2 in range(j2 + 1):
+            m = m1 + m2 - h
+            if not 0 <= m <= j:
+                continue
+            a2, b2 = 2 * m1 - j1, 2 * m2 - j2
+            total = Fraction(0)
+            for k in range(h + 1):
+                args = (h - k, j1 - m1 - k, m2 - k, (j - j2 + a2) // 2 + k, (j - j1 - b2) // 2 + k)
+                if min(args) < 0:
+                    continue
+                den = fac(k)
+                for n in args:
+                    den *= fac(n)
+                total += Fraction((-1) ** k, den)
+            square = delta * fac(m1) * fac(j1 - m1) * fac(m2) * fac(j2 - m2)
+            square *= fac(m) * fac(j - m) * total * total
+            out[m1, m2] = math.copysign(math.sqrt(square), total) if total else 0.0
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+    """Index and coefficient tables for one twojmax (NumPy; see module docstring)."""
+
+    twojmax: int
+    n_left: int
+    n_full: int
+    full_offset: tuple[int, ...]
+    layers: tuple  # per j >= 1: (coefficient of conj(a), of conj(b) [j+1, j//2+1], mirror signs)
+    identity_left: np.ndarray  # [n_left], 1 on the diagonal elements
+    expand_index: np.ndarray  # [n_full] into cat(left, conj(left))
+    expand_sign: np.ndarray
+    dagger_index: np.ndarray  # [n_left] into cat(left, conj(left)): left part of U^H
+    dagger_sign: np.ndarray
+    u1_index: np.ndarray  # per j1 [2 n1, 2 n1]: [[A, -B], [B, A]], concatenated over j1
+    s_index: np.ndarray  # per j1 [2 n1, Q]: [Re S^T; Im S^T]
+    s_coef: np.ndarray  # their Clebsch-Gordan factors
+    g_index: np.ndarray  # per j1 [2 n1, Q]: G2
+    blocks: tuple  # per j1: (n1, Q, m [2 n1 Q, K1]) weights of each W entry per component
+    widest_block: int  # largest 2 n1 Q: real values per atom of the biggest intermediate
+    bzero: np.ndarray  # [K] B of an atom without neighbours, 2j + 1
+    j_of: np.ndarray  # [K] doubled j of each component
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(twojmax: int) -> _Tables:
+    half = [j // 2 for j in range(twojmax + 1)]
+    left_offset = np.cumsum([0] + [(j + 1) * (half[j] + 1) for j in range(twojmax + 1)])
+    full_offset = np.cumsum([0] + [(j + 1) ** 2 for j in range(twojmax + 1)])
+
+    def left(j, ma, mb):  # index of a stored element (mb <= j // 2) within all layers
+        return int(left_offset[j] + ma * (half[j] + 1) + mb)
+
+    def full(j, ma, mb):
+        return int(full_offset[j] + ma * (j + 1) + mb)
+
+    def from_left(j, ma, mb):
+        """Element (ma, mb) of layer j as (stored index within the layer, conj?, sign)."""
+        if mb <= half[j]:
+            return left(j, ma, mb) - int(left_offset[j]), False, 1.0
+        sign = -1.0 if (ma - mb) % 2 else 1.0
+        return left(j, j - ma, j - mb) - int(left_offset[j]), True, sign
+
+    # recursion U^j[ma, mb] = sqrt((j - ma)/(j - mb)) conj(a) U^{j-1}[ma, mb]
+    #                       - sqrt(ma/(j - mb)) conj(b) U^{j-1}[ma - 1, mb]   (mb <= j/2)
+    # on the stored [ma, mb] blocks; for even j, column j/2 of layer j - 1 is the mirror of
+    # its last stored column: U^{j-1}[a, j/2] = (-1)^(a - j/2) conj(U^{j-1}[j - 1 - a, j/2 - 1])
+    layers = []
+    for j in range(1, twojmax + 1):
+        ma = np.arange(j + 1)[:, None]
+        mb = np.arange(half[j] + 1)[None, :]
+        coef_a = np.where(ma < j, np.sqrt(np.maximum(j - ma, 0) / (j - mb)), 0.0)
+        coef_b = -np.sqrt(ma / (j - mb))
+        mirror = None
+        if j % 2 == 0:
+            mirror = np.where((np.arange(j) - j // 2) % 2, -1.0, 1.0)
+        layers.append((coef_a, coef_b, mirror))
+
+    n_left = int(left_offset[-1])
+    n_full = int(full_offset[-1])
+    identity_left = np.zeros(n_left)
+    expand_index = np.zeros(n_full, dtype=np.int64)
+    expand_sign = np.zeros(n_full)
+    dagger_index = np.zeros(n_left, dtype=np.int64)
+    dagger_sign = np.zeros(n_left)
+    for j in range(twojmax + 1):
+        base = int(left_offset[j])
+        for ma in range(j + 1):
+            for mb in range(j + 1):
+                i, c, s = from_left(j, ma, mb)
+                expand_index[full(j, ma, mb)] = base + i + n_left * c
+                expand_sign[full(j, ma, mb)] = s
+            for mb in range(half[j] + 1):
+                if ma == mb:
+                    identity_left[left(j, ma, mb)] = 1.0
+                # (U^H)[ma, mb] = conj(U[mb, ma])
+                i, c, s = from_left(j, mb, ma)
+                dagger_index[left(j, ma, mb)] = base + i + n_left * (not c)
+                dagger_sign[left(j, ma, mb)] = s
+
+    # contraction, per j1, in real arithmetic on r = [Re u, Im u, -Re u, -Im u] (element f
+    # of u at 2 f and 2 f + 1, the negated copy 2 n_full further):
+    #   rows q = (j2, j, mb, ma2) of the shifted, CG-weighted u^{j2}:
+    #       S[q, mb1] = C(mb1, mb2 | mb) u^{j2}[ma2, mb2],  mb2 = mb + h - mb1;
+    #   W = u^{j1} S^T as the real product [[A, -B], [B, A]] [Re S^T; Im S^T] = [Re W; Im W]
+    #   (A, B: real and imaginary parts of u^{j1});
+    #   B_{j1 j2 j} = sum of weight x C(ma1, ma2 | ma) Re(W[ma1, q] conj(g)), with
+    #   g = u^j[ma, mb], ma = ma1 + ma2 - h, and G2 = [Re g; Im g] gathered per W entry.
+    def re(f):
+        return 2 * f
+
+    def im(f):
+        return 2 * f + 1
+
+    neg = 2 * n_full
+    triples = bispectrum_triples(twojmax)
+    k_of = {t: k for k, t in enumerate(triples)}
+    u1_index, s_index, s_coef, g_index, blocks = [], [], [], [], []
+    for j1 in range(twojmax + 1):
+        n1 = j1 + 1
+        mine = [t for t in triples if t[0] == j1]
+        k0 = k_of[mine[0]]
+        rows = []  # (j2, j, mb, ma2, cg, h)
+        for _, j2, j in mine:
+            cg = _clebsch_gordan(j1, j2, j)
+            h = (j1 + j2 - j) // 2
+            rows += [(j2, j, mb, ma2, cg, h) for mb in range(half[j] + 1) for ma2 in range(j2 + 1)]
+        q = len(rows)
+        emb = np.zeros((2, n1, 2, n1), dtype=np.int64)
+        for a in range(n1):
+            for b in range(n1):
+                f = full(j1, a, b)
+                emb[0, a, 0, b], emb[0, a, 1, b] = re(f), neg + im(f)
+                emb[1, a, 0, b], emb[1, a, 1, b] = im(f), re(f)
+        u1_index += emb.ravel().tolist()
+        for part in (re, im):
+            for mb1 in range(n1):
+                for j2, j, mb, ma2, cg, h in rows:
+                    mb2 = mb + h - mb1
+                    if 0 <= mb2 <= j2 and cg[mb1, mb2] != 0.0:
+                        s_index.append(part(full(j2, ma2, mb2)))
+                        s_coef.append(cg[mb1, mb2])
+                    else:
+                        s_index.append(0)
+                        s_coef.append(0.0)
+        g2 = np.zeros((2, n1, q), dtype=np.int64)
+        m = np.zeros((2, n1, q, len(mine)))
+        for ma1 in range(n1):
+            for r, (j2, j, mb, ma2, cg, h) in enumerate(rows):
+                ma = ma1 + ma2 - h
+                if not 0 <= ma <= j or cg[ma1, ma2] == 0.0:
+                    continue
+                # weights of the m' <= j/2 half: the other half is the complex conjugate
+                if 2 * mb < j or ma < mb:
+                    weight = 2.0
+                elif ma == mb:
+                    weight = 1.0
+                else:
+                    continue
+                g = full(j, ma, mb)
+                g2[0, ma1, r], g2[1, ma1, r] = re(g), im(g)
+                m[:, ma1, r, k_of[(j1, j2, j)] - k0] = weight * cg[ma1, ma2]
+        g_index += g2.ravel().tolist()
+        blocks.append((n1, q, m.reshape(2 * n1 * q, len(mine))))
+    j_of = np.asarray([t[2] for t in triples])
+    return _Tables(
+        twojmax=twojmax,
+        n_left=n_left,
+        n_full=n_full,
+        full_offset=tuple(int(v) for v in full_offset),
+        layers=tuple(layers),
+        identity_left=identity_left,
+        expand_index=expand_index,
+        expand_sign=expand_sign,
+        dagger_index=dagger_index,
+        dagger_sign=dagger_sign,
+        u1_index=np.asarray(u1_index),
+        s_index=np.asarray(s_index),
+        s_coef=np.asarray(s_coef),
+        g_index=np.asarray(g_index),
+        blocks=tuple(blocks),
+        widest_block=max(2 * n1 * q for n1, q, _ in blocks),
+        bzero=(j_of + 1).astype(float),
+        j_of=j_of,
+    )
+
+
+def _flag(name: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+    raise StructreconError(f"bispectrum {name} must be true/false (or 0/1), got {value!r}")
+
+
+@register_descriptor
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BispectrumSpec:
+    """SNAP bispectrum components per atom (LAMMPS ``compute sna/atom``).
+
+    Parameters
+    ----------
+    twojmax : band limit 2 j_max (LAMMPS ``twojmax``); l_max = twojmax / 2.
+    rcutfac : scale of the pair cutoffs R_ii' = rcutfac (R_i + R_i'), dimensionless.
+    species : atomic numbers (stored sorted; ``radii`` and ``weights`` follow them).
+    radii : R per species, Angstrom (LAMMPS ``R_1 R_2 ...``).
+    weights : neighbour weight w per species (LAMMPS ``w_1 w_2 ...``); the centre's own
+        contribution has weight 1.
+    rfac0 : distance-to-angle factor, 0 < rfac0 <= 1 (LAMMPS examples use 0.99363).
+    rmin0 : inner distance of the angle map, Angstrom (LAMMPS default 0).
+    switchflag : multiply neighbours by the cosine switching function (LAMMPS default 1).
+    bzeroflag : subtract B0, the components of an atom without neighbours (LAMMPS default 1).
+    bnormflag : divide B_{j1 j2 j} by 2j + 1 (LAMMPS default 0).
+    """
+
+    twojmax: int
+    rcutfac: float
+    species: tuple[int, ...]
+    radii: tuple[float, ...]
+    weights: tuple[float, ...]
+    rfac0: float = 0.99363
+    rmin0: float = 0.0
+    switchflag: bool = True
+    bzeroflag: bool = True
+    bnormflag: bool = False
+
+    kind: ClassVar[str] = "bispectrum"
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if isinstance(self.twojmax, bool) or int(self.twojmax) != self.twojmax:
+            raise StructreconError(f"bispectrum twojmax must be an integer, got {self.twojmax!r}")
+        set_(self, "twojmax", int(self.twojmax))
+        if not 0 <= self.twojmax <= _MAX_TWOJMAX:
+            raise StructreconError(
+                f"bispectrum twojmax must be in 0..{_MAX_TWOJMAX}, got {self.twojmax}"
+            )
+        species = [int(z) for z in np.atleast_1d(self.species)]
+        n = len(species)
+        per_species = {}
+        for name in ("radii", "weights"):
+            values = [float(v) for v in np.atleast_1d(getattr(self, name))]
+            if len(values) != n:
+                raise StructreconError(
+                    f"bispectrum {name} needs one value per species ({n}), got {len(values)}"
+                )
+            per_species[name] = values
+        if not n or min(species) < 1 or max(species) > 118 or len(set(species)) != n:
+            raise StructreconError(
+                f"bispectrum species must be distinct atomic numbers 1-118, got {species}"
+            )
+        order = np.argsort(species)
+        set_(self, "species", tuple(species[k] for k in order))
+        set_(self, "radii", tuple(per_species["radii"][k] for k in order))
+        set_(self, "weights", tuple(per_species["weights"][k] for k in order))
+        for name in ("rcutfac", "rfac0", "rmin0"):
+            set_(self, name, float(getattr(self, name)))
+        for name in ("switchflag", "bzeroflag", "bnormflag"):
+            set_(self, name, _flag(name, getattr(self, name)))
+        if not (self.rcutfac > 0 and math.isfinite(self.rcutfac)):
+            raise StructreconError(f"bispectrum rcutfac must be positive, got {self.rcutfac}")
+        if not 0 < self.rfac0 <= 1:
+            raise StructreconError(f"bispectrum rfac0 must be in (0, 1], got {self.rfac0}")
+        if min(self.radii) <= 0 or not all(math.isfinite(w) for w in self.weights):
+            raise StructreconError(
+                f"bispectrum radii must be positive and weights finite, got radii "
+                f"{list(self.radii)}, weights {list(self.weights)}"
+            )
+        smallest = 2 * self.rcutfac * min(self.radii)
+        if not 0 <= self.rmin0 < smallest:
+            raise StructreconError(
+                f"bispectrum rmin0 must be in [0, {smallest:g}) (the smallest pair cutoff), "
+                f"got {self.rmin0}"
+            )
+
+    @property
+    def cutoff(self) -> float:
+        """Largest pair cutoff rcutfac (R_i + R_j), Angstrom."""
+        return 2.0 * self.rcutfac * max(self.radii)
+
+    @property
+    def n_features(self) -> int:
+        """Number of components B_{j1 j2 j} per atom."""
+        return len(bispectrum_triples(self.twojmax))
+
+    @property
+    def triples(self) -> list[tuple[int, int, int]]:
+        """(2 j1, 2 j2, 2 j) of each component, in feature order."""
+        return bispectrum_triples(self.twojmax)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict form (lists, floats, bools)."""
+        return {
+            "twojmax": self.twojmax,
+            "rcutfac": self.rcutfac,
+            "species": list(self.species),
+            "radii": list(self.radii),
+            "weights": list(self.weights),
+            "rfac0": self.rfac0,
+            "rmin0": self.rmin0,
+            "switchflag": self.switchflag,
+            "bzeroflag": self.bzeroflag,
+            "bnormflag": self.bnormflag,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BispectrumSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are errors naming the valid ones."""
+        return spec_from_fields(cls, dict(data))
+
+    def build(self, numbers, cell=None, pbc=None):
+        """See :func:`bispectrum_fn`."""
+        return bispectrum_fn(self, numbers, cell, pbc)
+
+
+class _Torch:
+    """The tables as tensors of one dtype/device."""
+
+    def __init__(self, tables: _Tables, dtype: torch.dtype, device):
+        def real(a):
+            return torch.as_tensor(a, dtype=dtype, device=device)
+
+        def index(a):
+            return torch.as_tensor(a, dtype=torch.long, device=device)
+
+        self.layers = [
+            (real(ca), real(cb), None if m is None else real(m)) for ca, cb, m in tables.layers
+        ]
+        self.identity_left = real(tables.identity_left)
+        self.expand_index = index(tables.expand_index)
+        self.expand_sign = real(tables.expand_sign)
+        self.dagger_index = index(tables.dagger_index)
+        self.dagger_sign = real(tables.dagger_sign)
+        self.blocks, self.indices = [], []
+        o_u = o_s = 0
+        for n1, q, m in tables.blocks:
+            nu, ns = 4 * n1 * n1, 2 * n1 * q
+            self.blocks.append((n1, q, real(tables.s_coef[o_s : o_s + ns]), real(m)))
+            self.indices += [
+                index(tables.u1_index[o_u : o_u + nu]),
+                index(tables.s_index[o_s : o_s + ns]),
+                index(tables.g_index[o_s : o_s + ns]),
+            ]
+            o_u, o_s = o_u + nu, o_s + ns
+
+
+def _wigner_left(ca: torch.Tensor, cb: torch.Tensor, layers) -> torch.Tensor:
+    """Columns m' <= j/2 of U^j for j = 0..twojmax: [..., n_left] complex.
+
+    ca, cb : [...] complex, conj(a) and conj(b) of each pair.  Each layer is built from
+    the previous one by shifts (zero rows) and elementwise products, without gathers.
+    """
+    ca, cb = ca[..., None, None], cb[..., None, None]
+    prev = torch.ones(ca.shape, dtype=ca.dtype, device=ca.device)  # [..., 1, 1]
+    out = [prev.flatten(-2)]
+    for coef_a, coef_b, mirror in layers:
+        if mirror is not None:
+            col = prev[..., -1].flip(-1).conj() * mirror
+            prev = torch.cat([prev, col[..., None]], dim=-1)
+        zero = torch.zeros_like(prev[..., :1, :])
+        a_terms = torch.cat([prev, zero], dim=-2) * coef_a
+        b_terms = torch.cat([zero, prev], dim=-2) * coef_b
+        prev = torch.addcmul(a_terms * ca, b_terms, cb)
+        out.append(prev.flatten(-2))
+    return torch.cat(out, dim=-1)
+
+
+class _Gather(torch.autograd.Function):
+    """Column gathers ``source[:, index]`` for several index vectors.
+
+    The backward accumulates into one buffer (autograd would zero-fill and add one buffer
+    per gather); it is differentiable, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, source, *indices):
+        ctx.shape = source.shape
+        ctx.save_for_backward(*indices)
+        return tuple(source.index_select(1, index) for index in indices)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        indices = ctx.saved_tensors
+        grad = grads[0].new_zeros(ctx.shape)
+        for index, g in zip(indices, grads):
+            if g is None:
+                continue
+            if torch.is_grad_enabled():  # double backward: keep the graph
+                grad = grad.index_add(1, index, g)
+            else:
+                grad.index_add_(1, index, g)
+        return (grad,) + (None,) * len(indices)
+
+
+def _contract(full: torch.Tensor, tt: _Torch) -> torch.Tensor:
+    """Bispectrum components from the expansions: [X, n_full] complex -> [X, K] real."""
+    x = full.shape[0]
+    parts = torch.view_as_real(full).reshape(x, -1)
+    parts = torch.cat([parts, -parts], dim=1)  # [Re, Im, -Re, -Im] of every element
+    gathered = _Gather.apply(parts, *tt.indices)
+    out = []
+    for k, (n1, q, s_coef, m) in enumerate(tt.blocks):
+        u1, st, g = gathered[3 * k : 3 * k + 3]
+        w = torch.bmm(u1.view(x, 2 * n1, 2 * n1), (st * s_coef).view(x, 2 * n1, q))
+        out.append((w.view(x, -1) * g) @ m)  # Re(W conj(g)) x CG x half-weights
+    return torch.cat(out, dim=-1)
+
+
+def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
+    """Return ``fn(positions [B, N, 3]) -> bispectrum [B, N, K]`` for one composition group.
+
+    Parameters
+    ----------
+    spec : the bispectrum specification.
+    numbers : [N] atomic numbers (fixed for the group).
+    cell : [3, 3] Angstrom, rows are lattice vectors, or None for a cluster.
+    pbc : three booleans (None: no periodicity).
+
+    The function is differentiable in the positions (Angstrom) and vectorised over the
+    batch and the atoms; dtype and device follow the positions (float64 reproduces LAMMPS
+    to ~1e-13 relative; float32 to ~1e-6).  Pairs of atoms that are not within their cutoff
+    are computed (for clusters, every pair) and weighted by zero.
+    """
+    numbers = np.asarray(numbers, dtype=np.int64)
+    missing = sorted(set(numbers.tolist()) - set(spec.species))
+    if missing:
+        raise StructreconError(
+            f"structure has element(s) {missing} that the bispectrum spec does not resolve "
+            f"(species {list(spec.species)})"
+        )
+    n_atoms = len(numbers)
+    kind = np.searchsorted(np.asarray(spec.species), numbers)
+    radius = np.asarray(spec.radii)[kind]  # [N]
+    weight = np.asarray(spec.weights)[kind]  # [N]
+    pbc_arr = np.zeros(3, dtype=bool) if pbc is None else np.asarray(pbc, dtype=bool)
+    periodic = cell is not None and bool(pbc_arr.any())
+    cell_np = cell.detach().cpu().numpy() if isinstance(cell, torch.Tensor) else cell
+    shifts = lattice_shifts(cell_np if periodic else None, pbc_arr, spec.cutoff)
+    tables = _tables(spec.twojmax)
+    scale = 1.0 / (tables.j_of + 1.0) if spec.bnormflag else np.ones(len(tables.j_of))
+    offset = tables.bzero * scale if spec.bzeroflag else np.zeros(len(tables.j_of))
+    rfac0, rmin0, rcutfac = spec.rfac0, spec.rmin0, spec.rcutfac
+    switch = spec.switchflag
+    # clusters: unordered pairs i < j; U of the reverse pair is the Hermitian conjugate
+    pair_i, pair_j = np.triu_indices(n_atoms, k=1)
+    n_pairs = len(pair_i)
+    pair_cut = rcutfac * (radius[pair_i] + radius[pair_j])
+    uniform = float(weight[0]) if len(set(weight.tolist())) == 1 else None
+    # pairs (clusters) or neighbour slots per structure (periodic; M <= N S), for chunking
+    pairs_per_structure = n_pairs if not periodic else n_atoms * n_atoms * len(shifts)
+    cache: dict = {}
+
+    def constants(dtype, device):
+        key = (dtype, device)
+        if key not in cache:
+            cache[key] = (
+                _Torch(tables, dtype, device),
+                torch.as_tensor(scale, dtype=dtype, device=device),
+                torch.as_tensor(offset, dtype=dtype, device=device),
+                torch.as_tensor(weight[pair_i], dtype=dtype, device=device),
+                torch.as_tensor(weight[pair_j], dtype=dtype, device=device),
+                torch.as_tensor(pair_cut, dtype=dtype, device=device),
+                torch.as_tensor(pair_i, device=device),
+                torch.as_tensor(pair_j, device=device),
+                torch.as_tensor(radius * rcutfac, dtype=dtype, device=device),
+                torch.as_tensor(weight, dtype=dtype, device=device),
+            )
+        return cache[key]
+
+    def expansion(vec, r, rcut, valid, tt):
+        """Wigner columns [..., n_left] complex and switching function [...] of each pair.
+
+        vec : [..., 3] displacement neighbour - centre; r : [...] its length; rcut : [...]
+        pair cutoffs; valid : [...] False for slots that are not pairs.  Pairs outside their
+        cutoff get weight 0 and finite, zero gradients.
+        """
+        inside = valid & (r < rcut) & (r > 0)
+        r_safe = torch.where(inside, r, 0.5 * rcut)
+        unit = vec / r_safe[..., None]
+        span = rcut - rmin0
+        theta0 = (rfac0 * math.pi) * (r_safe - rmin0) / span
+        cos0, sin0 = torch.cos(theta0), torch.sin(theta0)
+        if rmin0 > 0:
+            # LAMMPS's z0 = r / tan(theta0): below rmin0 both parameters change sign
+            sign = torch.where(theta0 < 0, -1.0, 1.0).to(theta0.dtype)
+            cos0, sin0 = cos0 * sign, sin0 * sign
+        ca = torch.complex(cos0, sin0 * unit[..., 2])  # conj(a)
+        cb = torch.complex(sin0 * unit[..., 1], sin0 * unit[..., 0])  # conj(b)
+        if switch:
+            fc = 0.5 * (torch.cos(math.pi * (r_safe - rmin0) / span) + 1.0)
+            fc = torch.where(r_safe <= rmin0, torch.ones_like(fc), fc)
+        else:
+            fc = torch.ones_like(r_safe)
+        fc = torch.where(inside, fc, torch.zeros_like(fc))
+        return _wigner_left(ca, cb, tt.layers), fc
+
+    def fn(positions: torch.Tensor) -> torch.Tensor:
+        if positions.ndim != 3 or positions.shape[1:] != (n_atoms, 3):
+            raise ValueError(f"positions must be [B, {n_atoms}, 3], got {tuple(positions.shape)}")
+        # batches in chunks whose largest intermediate stays under _CHUNK_BYTES: larger
+        # arrays come from fresh memory maps on every call (page faults dominate on CPU)
+        per_structure = positions.element_size() * max(
+            2 * pairs_per_structure * tables.n_left, n_atoms * tables.widest_block
+        )
+        size = max(1, _CHUNK_BYTES // per_structure)
+        if positions.shape[0] > size and positions.device.type == "cpu":
+            return torch.cat([one_chunk(p) for p in positions.split(size)])
+        return one_chunk(positions)
+
+    def one_chunk(positions: torch.Tensor) -> torch.Tensor:
+        dtype, device = positions.dtype, positions.device
+        ctype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        (tt, scale_t, offset_t, w_first, w_second, cut, pi, pj, rad, wt) = constants(dtype, device)
+        n_batch = positions.shape[0]
+        n_left = tables.n_left
+        # expansions u^j of every atom, [B, N, n_left] (stored columns m' <= j/2)
+        if not periodic:
+            total = torch.zeros((n_atoms, n_batch, n_left), dtype=ctype, device=device)
+            if n_pairs:
+                by_atom = positions.transpose(0, 1)  # [N, B, 3]
+                vec = by_atom.index_select(0, pj) - by_atom.index_select(0, pi)  # [P, B, 3]
+                r = torch.linalg.norm(vec, dim=-1)
+                u, fc = expansion(vec, r, cut[:, None].expand_as(r), True, tt)  # [P, B, n_left]
+                if uniform:  # one product u f, the common weight applied per atom
+                    v = u * fc[..., None]
+                    own = total.index_add(0, pi, v) * uniform  # centre i, neighbour j
+                    rev = total.index_add(0, pj, v) * uniform  # centre j, neighbour i
+                else:
+                    own = total.index_add(0, pi, u * (fc * w_second[:, None])[..., None])
+                    rev = total.index_add(0, pj, u * (fc * w_first[:, None])[..., None])
+                rev = torch.cat([rev, rev.conj()], dim=-1).index_select(-1, tt.dagger_index)
+                total = own + rev * tt.dagger_sign  # U(r_i - r_j) = U(r_j - r_i)^H
+            total = total.transpose(0, 1)
+        else:
+            cell_t = torch.as_tensor(cell, dtype=dtype, device=device)
+            geo = neighbour_geometry(positions, cell_t, pbc_arr, shifts, spec.cutoff)
+            rcut = (rad[:, None] + rad[geo.neighbour][None, :]).expand_as(geo.distances)
+            u, fc = expansion(geo.vectors, geo.distances, rcut, geo.valid, tt)  # [B, N, M, n_left]
+            total = (u * (fc * wt[geo.neighbour])[..., None]).sum(2)  # [B, N, n_left]
+        total = (total + tt.identity_left).reshape(n_batch * n_atoms, n_left)
+        full = torch.cat([total, total.conj()], dim=-1).index_select(-1, tt.expand_index)
+        full = full * tt.expand_sign  # [B N, n_full]
+        comps = _contract(full, tt)
+        return (comps * scale_t - offset_t).reshape(n_batch, n_atoms, -1)
+
+    fn.n_features = spec.n_features
+    return fn
