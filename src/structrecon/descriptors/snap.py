@@ -454,14 +454,23 @@ class _Gather(torch.autograd.Function):
     """Column gathers ``source[:, index]`` for several index vectors.
 
     The backward accumulates into one buffer (autograd would zero-fill and add one buffer
-    per gather); it is differentiable, so double backward works.
+    per gather); it is differentiable, so double backward works.  A forward-mode rule
+    (``jvp``) and a generated vmap rule let ``torch.func`` transforms through, as the
+    Levenberg-Marquardt polish's batched Jacobians (``vmap(jacfwd(...))``) need.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, source, *indices):
-        ctx.shape = source.shape
-        ctx.save_for_backward(*indices)
+    def forward(source, *indices):
         return tuple(source.index_select(1, index) for index in indices)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        source, *indices = inputs
+        ctx.shape = source.shape
+        ctx.index_list = indices  # constant integer tensors, for the forward mode
+        ctx.save_for_backward(*indices)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -475,6 +484,10 @@ class _Gather(torch.autograd.Function):
             else:
                 grad.index_add_(1, index, g)
         return (grad,) + (None,) * len(indices)
+
+    @staticmethod
+    def jvp(ctx, source_tangent, *index_tangents):
+        return tuple(source_tangent.index_select(1, index) for index in ctx.index_list)
 
 
 def _contract(full: torch.Tensor, tt: _Torch) -> torch.Tensor:
