@@ -133,7 +133,7 @@ def test_repulsion_is_smooth_at_r_min_and_repulsive_inside():
 
 
 def test_unknown_method_and_option_are_named():
-    with pytest.raises(StructreconError, match="valid: adam-hops, lbfgs, lm, noisy-gd"):
+    with pytest.raises(StructreconError, match="valid: adam-hops, lbfgs, lm, milad, noisy-gd"):
         get_strategy("simplex")
     with pytest.raises(StructreconError, match="no option.*iterations"):
         get_strategy("adam-hops", iterations=5)

@@ -4,6 +4,13 @@ Targets with the same composition run together as one batch (all their trials in
 tensor computation).  Each result is appended to OUTPUT as soon as its batch ends,
 so an interrupted run keeps what it finished; ``--resume`` then skips those.
 Per-frame info keys: name, loss, fingerprint_rmsd, converged, seconds, trials.
+
+Species with ``--method milad`` (Uhrin 2021): ``--fit-species`` treats the species as
+unknown (the fingerprint file's composition only gives the number of atoms; the
+fingerprint must weight elements, e.g. the ``milad-species`` preset) and writes the
+recovered elements; ``--species-fingerprints FP2`` takes positions from FINGERPRINTS
+(e.g. ``milad``, unit weights) and species from FP2, a second fingerprint file of the
+same structures (e.g. ``milad-species``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ def add_arguments(p):
         "--method",
         default="adam-hops",
         help="adam-hops (Fung 2022, default), noisy-gd (Cobelli 2022), lm (Levenberg-Marquardt "
-        "from perturbed copies of --start; fast for targets near a known structure), lbfgs",
+        "from perturbed copies of --start; fast for targets near a known structure), lbfgs, "
+        "milad (Uhrin 2021: moments from invariants, then atoms; MILAD fingerprints only)",
     )
     p.add_argument("--attempts", type=int, help="random starts (trials) per target (adam-hops: 10)")
     p.add_argument("--hops", type=int, help="noise hops per trial (adam-hops: 5)")
@@ -43,6 +51,17 @@ def add_arguments(p):
         "--rounds",
         type=int,
         help="adam-hops: fresh trials x hops for targets still open, up to this many rounds (1)",
+    )
+    p.add_argument(
+        "--fit-species",
+        action="store_true",
+        help="milad: species unknown; fit them from the (species-weighted) fingerprint",
+    )
+    p.add_argument(
+        "--species-fingerprints",
+        metavar="FP2",
+        help="milad: second fingerprint file of the same structures that encodes species "
+        "(e.g. milad-species); positions come from FINGERPRINTS",
     )
     p.add_argument("--start", help="start structure(s): one frame, or one per target")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -103,9 +122,17 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             options[field] = value
+    if args.fit_species or args.species_fingerprints:
+        if args.method != "milad":
+            raise StructreconError("--fit-species and --species-fingerprints need --method milad")
+        if args.fit_species:
+            options["species"] = "fit"
     strategy = get_strategy(args.method, **options)
+    species_fps = (
+        read_fingerprints(args.species_fingerprints) if args.species_fingerprints else None
+    )
     starts = read_frames(args.start, "start") if args.start else None
-    targets = targets_from_fingerprints(fps, starts)
+    targets = targets_from_fingerprints(fps, starts, species_fps)
     output = Path(args.output)
     skip = 0
     if output.exists() and output.stat().st_size > 0:
@@ -130,6 +157,7 @@ def run(args) -> int:
         tol=args.tol,
         repulsion=repulsion,
         batch_targets=args.batch,
+        species_spec=None if species_fps is None else species_fps.spec,
     )
     n_conv = 0
     bar = tqdm(total=len(targets), initial=skip, unit="target", disable=args.quiet)

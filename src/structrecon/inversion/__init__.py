@@ -2,6 +2,7 @@
 
 from .engine import Result, Target, invert, invert_iter, targets_from_fingerprints
 from .losses import LOSSES, Repulsion, fingerprint_rmsd, get_loss
+from .milad import MiladModel, MiladReconstruction
 from .strategies import (
     LBFGS,
     STRATEGIES,
@@ -21,6 +22,8 @@ __all__ = [
     "LBFGS",
     "LOSSES",
     "LocalLM",
+    "MiladModel",
+    "MiladReconstruction",
     "NoisyGD",
     "Outcome",
     "Problem",

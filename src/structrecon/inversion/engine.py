@@ -24,7 +24,8 @@ class Target:
     """One structure to recover.
 
     fingerprint [F]; numbers [N]; cell [3, 3] Angstrom or None; pbc three booleans;
-    start [N, 3] Angstrom or None (random initialisation).
+    start [N, 3] Angstrom or None (random initialisation); species_fingerprint [F2] or
+    None: a second fingerprint that encodes the species (see ``invert_iter``).
     """
 
     name: str
@@ -33,6 +34,7 @@ class Target:
     cell: np.ndarray | None = None
     pbc: tuple = (False, False, False)
     start: np.ndarray | None = None
+    species_fingerprint: np.ndarray | None = None
 
 
 @dataclass
@@ -53,8 +55,20 @@ class Result:
     history: list[float] = field(default_factory=list, repr=False)
 
 
-def targets_from_fingerprints(fps, starts=None) -> list[Target]:
-    """Targets from a :class:`FingerprintSet`; ``starts``: None, one Atoms, or one per target."""
+def targets_from_fingerprints(fps, starts=None, species_fps=None) -> list[Target]:
+    """Targets from a :class:`FingerprintSet`; ``starts``: None, one Atoms, or one per target.
+
+    ``species_fps``: optionally a second :class:`FingerprintSet` of the same structures
+    (same names and compositions, in order) whose fingerprints encode the species.
+    """
+    if species_fps is not None:
+        if list(species_fps.names) != list(fps.names) or any(
+            list(a) != list(b) for a, b in zip(species_fps.numbers, fps.numbers)
+        ):
+            raise StructreconError(
+                "the species fingerprints must be of the same structures as the fingerprints "
+                "(same names and compositions, in the same order)"
+            )
     if starts is not None and len(starts) not in (1, len(fps)):
         raise StructreconError(
             f"--start has {len(starts)} frames; give one, or one per target ({len(fps)})"
@@ -81,6 +95,7 @@ def targets_from_fingerprints(fps, starts=None) -> list[Target]:
                 cell=fps.cells[k] if any(pbc) else None,
                 pbc=pbc,
                 start=start,
+                species_fingerprint=(None if species_fps is None else species_fps.fingerprints[k]),
             )
         )
     return targets
@@ -111,15 +126,21 @@ def invert_iter(
     repulsion: Repulsion | None = None,
     batch_targets: int = 8,
     dtype=torch.float64,
+    species_spec: FingerprintSpec | str | None = None,
 ) -> Iterator[Result]:
     """Invert ``targets``, yielding one :class:`Result` per target, in order.
 
     Consecutive targets with the same composition and cell run together, up to
     ``batch_targets`` at a time, with all their trials in one tensor batch.  Each
     batch draws its random numbers from a generator seeded with ``seed`` and the
-    index of the batch's first target, so a run is reproducible.
+    index of the batch's first target, so a run is reproducible.  With
+    ``species_spec``, every target needs a ``species_fingerprint`` made with it; the
+    problem then carries that second fingerprint (``species_fn``, ``species_targets``)
+    for strategies that recover species from it.  A strategy that recovers species
+    returns them, and the result's atoms carry them.
     """
     spec = load_spec(spec)
+    species_spec = None if species_spec is None else load_spec(species_spec)
     strategy = strategy or AdamHops()
     for t in targets:
         if len(t.fingerprint) != spec.n_features:
@@ -129,6 +150,13 @@ def invert_iter(
             )
         if not np.isfinite(t.fingerprint).all():
             raise StructreconError(f"target '{t.name}': fingerprint contains NaN or inf")
+        if species_spec is not None:
+            fp2 = t.species_fingerprint
+            if fp2 is None or len(fp2) != species_spec.n_features or not np.isfinite(fp2).all():
+                raise StructreconError(
+                    f"target '{t.name}': species fingerprint missing, non-finite or not of "
+                    f"the species spec's length ({species_spec.n_features})"
+                )
     for chunk in _chunks(targets, batch_targets):
         first = targets[chunk[0]]
         t0 = time.perf_counter()
@@ -146,13 +174,19 @@ def invert_iter(
             repulsion=repulsion,
             tol=tol,
         )
+        if species_spec is not None:
+            problem.species_fn = fingerprint_fn(species_spec, first.numbers, first.cell, first.pbc)
+            problem.species_targets = torch.as_tensor(
+                np.stack([targets[k].species_fingerprint for k in chunk]), dtype=dtype
+            )
         generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + chunk[0])
         outcome = strategy.run(problem, generator)
         seconds = (time.perf_counter() - t0) / len(chunk)
         for n, k in enumerate(chunk):
             t = targets[k]
+            numbers = t.numbers if outcome.numbers is None else outcome.numbers[n]
             atoms = ase.Atoms(
-                numbers=t.numbers,
+                numbers=numbers,
                 positions=outcome.positions[n].double().numpy(),
                 cell=t.cell if t.cell is not None else np.zeros((3, 3)),
                 pbc=t.pbc,

@@ -20,6 +20,7 @@ from ase.data import covalent_radii
 
 from .._errors import StructreconError
 from .losses import Repulsion, fingerprint_rmsd, get_loss
+from .milad import MiladReconstruction
 
 __all__ = [
     "AdamHops",
@@ -49,6 +50,9 @@ class Problem:
     starts : [T, N, 3] starting positions, or None for random starts.
     repulsion : optional short-range term added to the loss.
     tol : fingerprint RMSD under which a target counts as converged.
+    species_fn, species_targets : optional second fingerprint (function and [T, F2]
+        targets) that encodes the species, for strategies that recover species from it
+        (``milad``); the others ignore it.
     """
 
     fn: Callable[[torch.Tensor], torch.Tensor]
@@ -59,6 +63,8 @@ class Problem:
     starts: torch.Tensor | None = None
     repulsion: Repulsion | None = None
     tol: float = 1e-4
+    species_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    species_targets: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
@@ -72,7 +78,8 @@ class Outcome:
 
     positions [T, N, 3]; loss, fingerprint_rmsd [T] (numpy); trials [T] int (trials
     started before the target converged or the budget ran out); history: per target,
-    the best loss after each optimiser step.
+    the best loss after each optimiser step; numbers: None, or [T, N] atomic numbers
+    recovered by the strategy (species reconstruction) in place of the problem's.
     """
 
     positions: torch.Tensor
@@ -80,6 +87,7 @@ class Outcome:
     fingerprint_rmsd: np.ndarray
     trials: np.ndarray
     history: list[list[float]] = field(default_factory=list)
+    numbers: np.ndarray | None = None
 
 
 def random_positions(numbers, cell, pbc, n: int, generator: torch.Generator, dtype) -> torch.Tensor:
@@ -554,7 +562,7 @@ def _positive(obj, *names):
 
 
 #: method name -> strategy class
-STRATEGIES = {cls.name: cls for cls in (AdamHops, NoisyGD, LBFGS, LocalLM)}
+STRATEGIES = {cls.name: cls for cls in (AdamHops, NoisyGD, LBFGS, LocalLM, MiladReconstruction)}
 
 
 def get_strategy(method: str, **options):

@@ -1,0 +1,1165 @@
+"""Training-free MILAD reconstruction: moments from invariants, then atoms from moments.
+
+Uhrin, *Through the eyes of a descriptor* (MILAD), section III, with these choices:
+
+- (a) moments from the invariants (Algorithm 1): Levenberg-Marquardt, built up order by
+  order n' = 1 ... n_max with random retries of each new order.  The l = 0 moments are
+  invariants and the power spectrum fixes the norm of every (n, l) block, so only the
+  blocks' directions are free, fitted to the other invariants scaled by the norms of their
+  blocks (scale-free; a 2 A molecule in a 5 A ball has order-7 moments ~1e-4).
+- (b) atoms from the moments, two ways side by side: peak finding on the density
+  reconstructed on a 31^3 grid (eq. 14, Algorithm 2), and multivariate Prony on the
+  moment matrices (exact for exact moments of up to 20 atoms in general position; for
+  more atoms, the rest after the strongest peaks, and "Prony hops" that keep a random
+  subset of the fitted atoms and redo the others).  Then Levenberg-Marquardt of the atoms
+  against the moments.
+- (c) the atoms against the invariants with the repulsion of eqs. 35-36: first with each
+  invariant divided by its natural size (the product of its blocks' norms), then as is;
+  a longer polish for attempts that are close (symmetric molecules converge slowly).
+- (d) alternation (Fig. 4): later rounds start the moments fit from the moments of the
+  atoms found; ``trials`` attempts per target run as one batch until the fingerprint
+  RMSD falls below the problem's tolerance.
+
+Species (sections III B, IV A): the atoms' weights as free variables, mapped to the
+nearest allowed element weight keeping the total that the zeroth moment fixes, and
+re-polished; or from a second fingerprint: positions against a unit-weight fingerprint,
+then the weights against the species fingerprint with the positions fixed, then a polish.
+
+Everything runs batched over targets, attempts, retries and candidates, with analytic
+Jacobians: the invariants are sparse polynomials of the moments, and each atom's moments
+are polynomials of its coordinates.  All fits work in the frame of the moments (no
+centring inside); a result is judged with the fingerprint function itself, which centres
+as its spec says.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .._errors import StructreconError
+from ..descriptors._zernike import (
+    NORMALISATION,
+    gaussian_power_coefficients,
+    monomial_exponents,
+    zernike_coefficients,
+)
+from ..descriptors.milad import (
+    MiladSpec,
+    load_invariants,
+    moments_from_real,
+    moments_to_real,
+    zernike_basis,
+    zernike_indices,
+)
+from .losses import Repulsion
+
+if TYPE_CHECKING:  # strategies imports this module
+    from .strategies import Outcome, Problem
+
+__all__ = ["MiladReconstruction", "MiladModel", "batched_lm"]
+
+SPECIES_MODES = ("given", "fit")
+_LOG = logging.getLogger(__name__)
+
+
+# -- the model: moments, invariants, densities, with Jacobians ----------------------------
+
+
+class MiladModel:
+    """Tables of one MILAD spec for reconstruction, in one dtype.
+
+    Parameters
+    ----------
+    spec : the :class:`MiladSpec` (its centring is not applied here: positions are taken
+        relative to the origin of the moments).
+    grid : points per side of the cubic grid used for peak finding (Uhrin: 31).
+    dtype : float dtype of all tables.
+
+    Moments are handled as real coordinates ``y`` [B, K] (:func:`moments_to_real`);
+    ``K = 120`` for n_max = 7.
+    """
+
+    def __init__(self, spec: MiladSpec, *, grid: int = 31, dtype=torch.float64):
+        self.spec = spec
+        self.dtype = dtype
+        self.n_max = spec.n_max
+        self.scale = spec.cutoff
+        self.sigma = spec.sigma if spec.feature == "gaussian" else None
+        idx = zernike_indices(self.n_max)
+        self.n_moments = k = len(idx)
+        self.order = torch.tensor([n for n, _, _ in idx])  # n of each real coordinate
+        # geometric moments -> real coordinates of the Zernike moments: y = m @ C
+        omega_of_m = NORMALISATION * np.conj(zernike_coefficients(self.n_max))  # [K, M]
+        c = moments_to_real(torch.as_tensor(omega_of_m.T.copy()))  # [M, K]
+        self._c = c.to(dtype)
+        self._exps = torch.as_tensor(np.array(monomial_exponents(self.n_max)))
+        # real coordinates -> complex moments: omega = y @ L
+        lmat = moments_from_real(torch.eye(k, dtype=dtype))
+        self._lr, self._li = lmat.real.contiguous(), lmat.imag.contiguous()
+        if self.sigma is not None:
+            d = torch.as_tensor(gaussian_power_coefficients(self.n_max).copy(), dtype=dtype)
+            s = self.sigma / self.scale
+            lag = torch.arange(self.n_max + 1)
+            lag = (lag[None, :] - lag[:, None]).clamp_min(0)
+            self._gauss = d * s ** lag.to(dtype)  # [p, k]: E[(u + s X)^k] = sum_p u^p A[p, k]
+        else:
+            self._gauss = None
+        # invariants as raw polynomial terms: value = Re sum_t c_t prod_p omega[i_tp]
+        self.invariants = inv = load_invariants(self.n_max, spec.invariants)
+        self.n_invariants = f = len(inv)
+        self.max_orders = torch.tensor(inv.max_orders)
+        # d omega_k = dy[a_k] sa_k + i dy[b_k] sb_k: a gradient g (complex) on omega_k adds
+        # Re(g) sa_k to y[a_k] and -Im(g) sb_k to y[b_k] (real density: see moments_to_real)
+        pos = {x: i for i, x in enumerate(idx)}
+        ya = np.array([pos[(n, ell, abs(m))] for n, ell, m in idx])
+        yb = np.array([pos[(n, ell, -abs(m))] for n, ell, m in idx])
+        sa = np.array([1.0 if m >= 0 else (-1.0) ** m for _, _, m in idx])
+        sb = np.array([0.0 if m == 0 else (1.0 if m > 0 else -((-1.0) ** m)) for _, _, m in idx])
+        mirror = [pos[(n, ell, -m)] for n, ell, m in idx]
+        groups: dict[int, list] = {}
+        fixed = []
+        for out, terms in enumerate(inv.terms):
+            if len(terms) == 1 and len(terms[0][1]) == 1 and terms[0][0] == 1.0:
+                fixed.append((out, terms[0][1][0]))  # the invariant is a moment (l = 0)
+            table: dict = {}
+            for coef, ids in terms:
+                key = tuple(sorted(ids))
+                table[key] = table.get(key, 0.0) + coef
+            for key, coef in table.items():
+                # a term and its mirror (all m negated) have equal real parts for a real
+                # density (sum m = 0): keep one of each pair with twice the coefficient
+                twin = tuple(sorted(mirror[i] for i in key))
+                if twin != key and twin in table and abs(table[twin] - coef) <= 1e-12 * abs(coef):
+                    if key > twin:
+                        continue
+                    coef = 2 * coef
+                groups.setdefault(len(key), []).append((key, coef, out))
+        self._terms = {}
+        self._order_count = {}  # nu -> [number of terms of invariants with max n <= n']
+        for nu, rows in sorted(groups.items()):
+            rows.sort(key=lambda r: inv.max_orders[r[2]])
+            ids = np.array([r[0] for r in rows]).reshape(len(rows), nu)
+            out = np.array([r[2] for r in rows])
+            orders = np.array([inv.max_orders[r[2]] for r in rows])
+            self._order_count[nu] = [int((orders <= o).sum()) for o in range(self.n_max + 1)]
+            self._terms[nu] = (
+                torch.as_tensor(ids),
+                torch.tensor([r[1] for r in rows], dtype=dtype),
+                torch.as_tensor(out),
+                torch.as_tensor(out[:, None] * k + ya[ids]),  # [T, nu] slots for Re
+                torch.as_tensor(out[:, None] * k + yb[ids]),  # [T, nu] slots for Im
+                torch.as_tensor(sa[ids], dtype=dtype),
+                torch.as_tensor(sb[ids], dtype=dtype),
+            )
+        self.fixed_invariants = torch.tensor([q[0] for q in fixed], dtype=torch.long)
+        self.fixed_moments = torch.tensor([q[1] for q in fixed], dtype=torch.long)
+        # (n, l) blocks of the moments: block id per real coordinate, the metric that makes
+        # |y_b|^2_M = sum_m |omega_nl^m|^2, and per block l >= 1 its power-spectrum invariant
+        blocks = sorted({(n, ell) for n, ell, _ in idx})
+        bid = {b: i for i, b in enumerate(blocks)}
+        self.blocks = blocks
+        self.block_of = torch.tensor([bid[(n, ell)] for n, ell, _ in idx])
+        self.metric = torch.tensor([1.0 if m == 0 else 2.0 for _, _, m in idx], dtype=dtype)
+        self.block_l = torch.tensor([ell for _, ell in blocks])
+        # blocks of each invariant's factors (every term of an invariant has the same ones)
+        self.inv_blocks = [
+            [bid[idx[i][:2]] for i in terms[0][1]] if terms else [] for terms in inv.terms
+        ]
+        probe_y = torch.randn(3, k, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        probe_v = self.invariants_of(probe_y)
+        norms = torch.zeros(3, len(blocks), dtype=dtype).index_add(
+            1, self.block_of, self.metric * probe_y**2
+        )
+        self.power = torch.full((len(blocks),), -1, dtype=torch.long)  # invariant index
+        self.power_scale = torch.zeros(len(blocks), dtype=dtype)  # phi = scale |c_nl|^2
+        for i, lab in enumerate(inv.labels):
+            if lab[0] == 2 and len(set(self.inv_blocks[i])) == 1:
+                b = self.inv_blocks[i][0]
+                self.power[b] = i
+                self.power_scale[b] = (probe_v[0, i] / norms[0, b]).item()
+        self.is_power = torch.zeros(f, dtype=torch.bool)
+        self.is_power[self.power[self.power >= 0]] = True
+        self.is_power[self.fixed_invariants] = True
+        width = max(len(b) for b in self.inv_blocks)
+        self._inv_block_table = torch.tensor(
+            [b + [len(blocks)] * (width - len(b)) for b in self.inv_blocks]
+        )  # padded with a dummy block of norm 1
+        self.grid_size = grid
+        # single atoms at the origin and on the sphere of radius scale / 2 (for the radius)
+        probe = torch.tensor([[0.0, 0.0, 0.0], [0.5 * self.scale, 0.0, 0.0]], dtype=dtype)
+        self._probe = self.atom_basis(probe, grad=False)
+
+    @functools.cached_property
+    def _grid_tables(self):
+        """Tables of Algorithm 2, built when first needed.
+
+        The grid (points of a cubic grid inside the ball) [P, 3], the map from moments to
+        the density there [K, P], each point's single-atom moments [P, K] and a unit
+        atom's own density at its point [P].
+        """
+        ax = torch.linspace(-self.scale, self.scale, self.grid_size, dtype=self.dtype)
+        pts = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+        pts = pts[pts.norm(dim=-1) < self.scale]
+        z = zernike_basis(pts, self.n_max, self.scale)  # [P, K] complex
+        density = self._lr @ z.real.T - self._li @ z.imag.T  # f = y @ density
+        basis = self.atom_basis(pts, grad=False)
+        return pts, density, basis, (basis * density.T).sum(-1)
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """Points of the peak-finding grid inside the ball, [P, 3] Angstrom."""
+        return self._grid_tables[0]
+
+    # -- positions -> moments ----------------------------------------------------------------
+
+    def atom_basis(self, x: torch.Tensor, *, grad: bool = True):
+        """Moments of one unit-weight atom at each point, and their gradients.
+
+        x [..., 3] Angstrom -> (rc [..., K], drc [..., 3, K] per Angstrom), real coordinates,
+        in the model's dtype; only rc without ``grad``.
+        """
+        u = x.to(self.dtype) / self.scale
+        n = self.n_max
+        pw = [torch.ones_like(u)]
+        for _ in range(n):
+            pw.append(pw[-1] * u)
+        pw = torch.stack(pw, dim=-1)  # [..., 3, n + 1]
+        k = torch.arange(n + 1, dtype=x.dtype, device=x.device)
+        dpw = torch.cat([torch.zeros_like(pw[..., :1]), pw[..., :-1]], dim=-1) * k / self.scale
+        if self._gauss is not None:
+            pw, dpw = pw @ self._gauss, dpw @ self._gauss
+        e = self._exps
+        m0, m1, m2 = pw[..., 0, e[:, 0]], pw[..., 1, e[:, 1]], pw[..., 2, e[:, 2]]
+        d0, d1, d2 = dpw[..., 0, e[:, 0]], dpw[..., 1, e[:, 1]], dpw[..., 2, e[:, 2]]
+        mono = m0 * m1 * m2
+        if not grad:
+            return mono @ self._c
+        dmono = torch.stack([d0 * m1 * m2, m0 * d1 * m2, m0 * m1 * d2], dim=-2)
+        return mono @ self._c, dmono @ self._c
+
+    def moments(self, x: torch.Tensor, w: torch.Tensor, *, jac: bool = False):
+        """Real moment coordinates of weighted atoms (Uhrin eq. 30, no centring).
+
+        x [B, N, 3] Angstrom, w [B, N] -> y [B, K]; with ``jac`` also dy/dx [B, K, N, 3]
+        and dy/dw [B, K, N].
+        """
+        rc, drc = self.atom_basis(x)
+        y = torch.einsum("bn,bnk->bk", w, rc)
+        if not jac:
+            return y
+        dx = (w[:, :, None, None] * drc).permute(0, 3, 1, 2)
+        return y, dx, rc.transpose(1, 2)
+
+    # -- moments -> invariants ---------------------------------------------------------------
+
+    def invariants_of(self, y: torch.Tensor, *, jac: bool = False, order: int | None = None):
+        """Invariants of real moment coordinates y [B, K] -> [B, F] (and d/dy [B, F, K]).
+
+        With ``order``, only the invariants whose moments have n <= order are evaluated
+        (the others come back as zeros).
+
+        The Jacobian is assembled term by term (leave-one-out products of the factors of
+        each monomial), scattered straight into the real coordinates.  Internally the
+        batch is the last dimension, so that gathers and scatters move whole rows.
+        """
+        b, k = y.shape
+        f = self.n_invariants
+        re = (y @ self._lr).T.contiguous()  # [K, B]
+        im = (y @ self._li).T.contiguous()
+        val = y.new_zeros(f, b)
+        jflat = y.new_zeros(f * k, b) if jac else None
+        for nu, tables in self._terms.items():
+            count = self._order_count[nu][self.n_max if order is None else order]
+            if count == 0:
+                continue
+            idx, coef, out, slot_a, slot_b, sa, sb = (t[:count] for t in tables)
+            fr = [re.index_select(0, idx[:, p]) for p in range(nu)]  # [T, B]
+            fi = [im.index_select(0, idx[:, p]) for p in range(nu)]
+            pre = [(fr[0], fi[0])]  # pre[p] = prod_{q <= p}
+            for p in range(1, nu):
+                a, bb = pre[-1]
+                pre.append((a * fr[p] - bb * fi[p], a * fi[p] + bb * fr[p]))
+            val.index_add_(0, out, coef[:, None] * pre[-1][0])
+            if not jac:
+                continue
+            suf = [None] * nu  # suf[p] = prod_{q > p}
+            if nu > 1:
+                suf[nu - 2] = (fr[nu - 1], fi[nu - 1])
+                for p in range(nu - 3, -1, -1):
+                    a, bb = suf[p + 1]
+                    suf[p] = (a * fr[p + 1] - bb * fi[p + 1], a * fi[p + 1] + bb * fr[p + 1])
+            for p in range(nu):
+                if nu == 1:
+                    lr, li = torch.ones_like(fr[0]), torch.zeros_like(fr[0])
+                elif p == 0:
+                    lr, li = suf[0]
+                elif p == nu - 1:
+                    lr, li = pre[p - 1]
+                else:
+                    (a, bb), (c, d) = pre[p - 1], suf[p]
+                    lr, li = a * c - bb * d, a * d + bb * c
+                jflat.index_add_(0, slot_a[:, p], lr * (coef * sa[:, p])[:, None])
+                jflat.index_add_(0, slot_b[:, p], li * (-coef * sb[:, p])[:, None])
+        if not jac:
+            return val.T
+        return val.T, jflat.reshape(f, k, b).permute(2, 0, 1)
+
+    # -- densities, peaks and Prony --------------------------------------------------------
+
+    def density(self, y: torch.Tensor) -> torch.Tensor:
+        """Reconstructed density (eq. 14) on :attr:`grid`: y [B, K] -> [B, P]."""
+        return y @ self._grid_tables[1]
+
+    def total_weight(self, phi0: torch.Tensor) -> torch.Tensor:
+        """Sum of the weights from the zeroth moment (the first invariant): [B] -> [B]."""
+        return phi0 / self._probe[0, 0]
+
+    def mean_square_radius(self, phi: torch.Tensor) -> torch.Tensor:
+        """Weighted mean r^2 (Angstrom^2) from the l = 0 moments n = 0, 2: phi [B, F] -> [B].
+
+        Omega_200 = sum_i w_i (alpha r_i^2 + beta); the invariants (1, 0) and (1, 2) are
+        those moments.  NaN where the set lacks them.
+        """
+        slots = {int(m): int(i) for i, m in zip(self.fixed_invariants, self.fixed_moments)}
+        k200 = zernike_indices(self.n_max).index((2, 0, 0)) if self.n_max >= 2 else -1
+        if 0 not in slots or k200 not in slots:
+            return torch.full(phi.shape[:1], math.nan, dtype=phi.dtype)
+        total = self.total_weight(phi[:, slots[0]])
+        beta = self._probe[0, k200]
+        alpha = (self._probe[1, k200] - beta) / 0.25
+        return (phi[:, slots[k200]] / total - beta) / alpha * self.scale**2
+
+    def block_norms(self, phi: torch.Tensor) -> torch.Tensor:
+        """Norms of the (n, l) moment blocks from the invariants: [B, F] -> [B, blocks].
+
+        l = 0 blocks are invariants themselves, the others' squared norms are their
+        power spectrum (up to a constant); norms below 1e-7 of the largest are zero.
+        """
+        b = phi.shape[0]
+        rho = torch.zeros(b, len(self.blocks), dtype=phi.dtype)
+        has = self.power >= 0
+        rho[:, has] = (phi[:, self.power[has]] / self.power_scale[has]).clamp_min(0).sqrt()
+        rho[:, self.block_of[self.fixed_moments]] = phi[:, self.fixed_invariants].abs()
+        return torch.where(rho > 1e-7 * rho.amax(dim=1, keepdim=True), rho, torch.zeros_like(rho))
+
+    def invariant_scales(self, phi: torch.Tensor) -> torch.Tensor:
+        """Natural size of each invariant: the product of its blocks' norms, [B, F]."""
+        rho = self.block_norms(phi)
+        padded = torch.cat([rho, torch.ones(rho.shape[0], 1, dtype=rho.dtype)], dim=1)
+        return padded[:, self._inv_block_table].prod(dim=-1)
+
+    def peaks(self, y, n_atoms: int, *, r_exclude: float, w_range=(1.0, 1.0)):
+        """Uhrin Algorithm 2: N atoms from moments by peak finding, batched.
+
+        y [B, K] moments -> (positions [B, N, 3] Angstrom, weights [B, N]).  At each step
+        the highest grid point is taken, the signal of an atom of the estimated weight
+        (peak height over a unit atom's own height, clipped to ``w_range``) is subtracted
+        and the grid points within ``r_exclude`` of it are blanked.
+        """
+        b = y.shape[0]
+        grid, density, basis, own = self._grid_tables
+        dens = y @ density
+        free = torch.ones_like(dens, dtype=torch.bool)
+        rows = torch.arange(b)
+        pos, wts = [], []
+        for _ in range(n_atoms):
+            q = torch.where(free, dens, torch.full_like(dens, -math.inf)).argmax(dim=1)
+            w = (dens[rows, q] / own[q]).clamp(*w_range)
+            dens = dens - w[:, None] * (basis[q] @ density)
+            p = grid[q]
+            free &= (grid[None, :, :] - p[:, None, :]).norm(dim=-1) > r_exclude
+            free |= ~free.any(dim=1, keepdim=True)  # nothing left: allow all points again
+            pos.append(p)
+            wts.append(w)
+        return torch.stack(pos, dim=1), torch.stack(wts, dim=1)
+
+    @property
+    def prony_atoms(self) -> int:
+        """Most atoms :meth:`prony` recovers exactly (0: not available for this spec)."""
+        return 0 if self.sigma is not None or self.n_max < 7 else len(self._prony[0])
+
+    def prony(self, y, n_atoms: int, generator):
+        """Atoms and weights from delta moments by multivariate Prony (moment matrices).
+
+        With monomials v(u) of degree <= 3 (20 of them) and geometric moments
+        m = sum_i w_i u_i^a (u = x / R; from the Zernike moments by the inverse change of
+        basis), H = [m_(a+b)] = V^T W V and H_d = [m_(a+b+e_d)] = V^T W diag(u_d) V need
+        moments up to degree 7.  For N <= 20 points in general position H has rank N; in
+        the basis of its top N eigenvectors, Lambda^-1/2 U^T H_d U Lambda^-1/2 are
+        symmetric matrices with the common eigenvectors Q and eigenvalues u_d,i, and
+        sqrt(w_i) = (Q^T Lambda^1/2 U^T)_i0.  Exact for exact moments; with approximate
+        moments an approximation.  Batched: y [B, K] -> (x [B, N, 3], w [B, N]).
+        Points are pulled inside the ball and non-finite ones replaced by the origin.
+        """
+        cols, shifted, c_inv = self._prony
+        n = min(n_atoms, len(cols))
+        g = y @ c_inv  # geometric moments of the unit-ball coordinates
+        h = g[:, cols]
+        lam, vec = torch.linalg.eigh(h)
+        lam, vec = lam[:, -n:].clamp_min(1e-300), vec[:, :, -n:]
+        isq = lam.rsqrt()
+        mats = [isq[:, :, None] * (vec.mT @ g[:, s] @ vec) * isq[:, None, :] for s in shifted]
+        c = torch.randn(3, generator=generator, dtype=y.dtype)
+        _, q = torch.linalg.eigh(c[0] * mats[0] + c[1] * mats[1] + c[2] * mats[2])
+        u = torch.stack([torch.einsum("bki,bkl,bli->bi", q, s, q) for s in mats], dim=-1)
+        w = torch.einsum("bki,bk->bi", q, lam.sqrt() * vec[:, 0, :]) ** 2
+        u = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
+        r = u.norm(dim=-1, keepdim=True)
+        u = torch.where(r > 0.98, u * 0.98 / r.clamp_min(1e-12), u)
+        return u * self.scale, torch.nan_to_num(w, nan=1.0)
+
+    @functools.cached_property
+    def _prony(self):
+        exps = monomial_exponents(self.n_max)
+        pos = {e: i for i, e in enumerate(exps)}
+        basis = [e for e in exps if sum(e) <= 3]
+
+        def table(shift):
+            return torch.tensor(
+                [
+                    [pos[tuple(a + b + s for a, b, s in zip(ea, eb, shift))] for eb in basis]
+                    for ea in basis
+                ]
+            )
+
+        cols = table((0, 0, 0))
+        shifted = [table(e) for e in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
+        return cols, shifted, torch.linalg.inv(self._c)
+
+
+@functools.lru_cache(maxsize=8)
+def _model(spec: MiladSpec, grid: int) -> MiladModel:
+    """Models are immutable once built: one per (spec, grid), float64."""
+    return MiladModel(spec, grid=grid, dtype=torch.float64)
+
+
+# -- batched Levenberg-Marquardt ------------------------------------------------------------
+
+
+def batched_lm(
+    fun,
+    v: torch.Tensor,
+    *,
+    steps: int,
+    damping: float = 1e-3,
+    cost_tol: float = 0.0,
+    patience: int = 10,
+    progress: float = 0.5,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """Levenberg-Marquardt on many independent least-squares problems at once.
+
+    Parameters
+    ----------
+    fun : ``fun(v [b, D], rows [b]) -> (residuals [b, M], Jacobian [b, M, D])``; ``rows``
+        are the indices of the problems in ``v`` (to pick their targets).
+    v : [B, D] starting points.
+    steps : iterations.
+    damping : initial damping lambda, with Marquardt's scaling by diag(J^T J).  A step
+        that lowers a problem's squared residual is taken and its lambda divided by 3,
+        else lambda is multiplied by 4.
+    cost_tol : a problem whose squared residual falls below this is done.
+    patience, progress : a problem whose squared residual has not fallen below
+        ``progress`` times its value ``patience`` iterations earlier has stalled (a wrong
+        basin, or converged as far as rounding allows) and stops.
+    bounds : optional (low [D], high [D]) the variables are clipped to after each step.
+
+    Returns
+    -------
+    v [B, D] and the squared residual [B].  Only the problems still running are
+    evaluated, so the cost falls as problems finish.
+    """
+    v = v.clone()
+    rows = torch.arange(v.shape[0])
+    r, j = fun(v, rows)
+    cost = (r**2).sum(-1)
+    lam = torch.full_like(cost, damping)
+    alive = torch.isfinite(cost) & (cost > cost_tol)
+    past = [cost.clone()]
+    for it in range(steps):
+        idx = torch.nonzero(alive).flatten()
+        if idx.numel() == 0:
+            break
+        jl = j[idx]
+        jtj = jl.mT @ jl
+        grad = (jl.mT @ r[idx, :, None])[..., 0]
+        diag = torch.diagonal(jtj, dim1=1, dim2=2)
+        diag = diag.clamp_min(1e-9 * diag.mean(-1, keepdim=True) + 1e-30)
+        step, info = torch.linalg.solve_ex(jtj + torch.diag_embed(lam[idx, None] * diag), -grad)
+        v_new = v[idx] + torch.nan_to_num(step)
+        if bounds is not None:
+            v_new = torch.maximum(torch.minimum(v_new, bounds[1]), bounds[0])
+        r_new, j_new = fun(v_new, idx)
+        cost_new = (r_new**2).sum(-1)
+        ok = torch.isfinite(cost_new) & (cost_new < cost[idx]) & (info == 0)
+        take = idx[ok]
+        v[take] = v_new[ok]
+        r[take] = r_new[ok]
+        j[take] = j_new[ok]
+        cost[take] = cost_new[ok]
+        lam[idx] = torch.where(ok, lam[idx] / 3.0, lam[idx] * 4.0).clamp(1e-15, 1e12)
+        past.append(cost.clone())
+        alive &= (cost > cost_tol) & (lam < 1e12)
+        if it + 1 >= patience:
+            alive &= ~(cost > progress * past[-1 - patience])
+    return v, cost
+
+
+# -- pieces of the strategy -----------------------------------------------------------------
+
+
+def _milad_spec(fn, what: str) -> MiladSpec:
+    spec = getattr(getattr(fn, "spec", None), "descriptor", None)
+    if not isinstance(spec, MiladSpec):
+        kind = getattr(spec, "kind", type(spec).__name__)
+        raise StructreconError(
+            f"method 'milad' needs a MILAD fingerprint ({what} is '{kind}'); "
+            "use the milad or milad-species preset or a milad spec"
+        )
+    return spec
+
+
+def _repulsion(rep: Repulsion, x: torch.Tensor, pairs):
+    """Uhrin eq. 35 summed over pairs i < j as one residual, and its gradient.
+
+    x [B, N, 3] -> (E [B, 1], dE/dx [B, 1, N, 3]).  Smooth: E and dE/dr vanish at r_min.
+    """
+    i, j = pairs
+    d = x[:, i] - x[:, j]  # [B, P, 3]
+    r = d.norm(dim=-1).clamp_min(1e-9)
+    s, rm, p = rep.sigma, rep.r_min, rep.n
+    k1 = p * s**p / rm ** (p + 1)
+    k2 = -((s / rm) ** p) - k1 * rm
+    inside = r < rm
+    rs = torch.where(inside, r, torch.full_like(r, rm))
+    e = torch.where(inside, 4 * rep.epsilon * ((s / rs) ** p + k1 * rs + k2), 0.0)
+    de = torch.where(inside, 4 * rep.epsilon * (-p * s**p / rs ** (p + 1) + k1), 0.0)
+    g = (de / r)[..., None] * d  # dE_ij / dx_i; the negative for x_j
+    grad = torch.zeros_like(x).index_add(1, i, g).index_add(1, j, -g)
+    return e.sum(-1, keepdim=True), grad[:, None]
+
+
+def _snap_weights(w: torch.Tensor, allowed: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Map continuous weights [B, N] to allowed values [S], keeping each row's total.
+
+    Nearest allowed value first; then, while a row's total is off by more than half the
+    smallest gap, the atom whose move to the neighbouring allowed value (in the needed
+    direction) costs least moves.
+    """
+    allowed = allowed.sort().values
+    k = (w[..., None] - allowed).abs().argmin(-1)  # [B, N]
+    if len(allowed) < 2:
+        return allowed[k]
+    gap = (allowed[1:] - allowed[:-1]).min()
+    for _ in range(2 * len(allowed) * w.shape[1]):
+        diff = total - allowed[k].sum(-1)
+        up = diff > 0
+        k_new = torch.where(up[:, None], k + 1, k - 1)
+        valid = (k_new >= 0) & (k_new < len(allowed))
+        k_new = k_new.clamp(0, len(allowed) - 1)
+        cost = (w - allowed[k_new]) ** 2 - (w - allowed[k]) ** 2
+        cost = torch.where(valid, cost, torch.full_like(cost, math.inf))
+        best, pick = cost.min(-1)
+        rows = torch.nonzero((diff.abs() > 0.5 * gap) & torch.isfinite(best)).flatten()
+        if rows.numel() == 0:
+            break
+        k[rows, pick[rows]] = k_new[rows, pick[rows]]
+    return allowed[k]
+
+
+def _match_order(w_found: torch.Tensor, w_wanted: torch.Tensor) -> torch.Tensor:
+    """Permutation p with w_found[p] matching w_wanted by rank: [N] long."""
+    a = w_found.argsort(stable=True)
+    b = w_wanted.argsort(stable=True)
+    perm = torch.empty_like(a)
+    perm[b] = a
+    return perm
+
+
+# -- the strategy ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MiladReconstruction:
+    """Uhrin 2021 section III: moments from invariants, atoms from moments, alternated.
+
+    Parameters
+    ----------
+    trials : independent attempts per target (Uhrin: 3), run as one batch; a target is
+        done as soon as one attempt reaches the problem's ``tol``.
+    rounds : alternations of the moments and atoms fits per attempt (Fig. 4); a round
+        after the first starts the moments fit from the moments of the atoms found.
+    retries : random restarts of each new moment order, fitted side by side, the best
+        kept (Algorithm 1's max_retries).
+    moment_steps, atom_steps, polish_steps : Levenberg-Marquardt iterations for the
+        moments (per order), the atoms against the moments, and the atoms against the
+        invariants (the last also ends a run that has stalled for ``patience`` steps).
+    patience : iterations without a 10% drop of the squared residual after which a polish
+        stops.
+    grid : grid points per side for peak finding (Uhrin: 31).
+    species : ``given`` - the problem's composition (weights from the spec; with unequal
+        weights the atoms' weights are fitted, then the composition's weights assigned by
+        rank and the positions re-polished); ``fit`` - species unknown: weights are free
+        variables, mapped to the nearest element weight of the spec (keeping the total
+        that the zeroth moment fixes), re-polished, and the elements come back in the
+        outcome.  With a species fingerprint in the problem (``species_targets``),
+        positions come from the main (unit-weight) fingerprint and species from the
+        second, whatever this option says.
+    prony_hops, prony_subsets : for more than 20 atoms, rounds of Prony hops and the
+        random subsets tried in each (see :meth:`_Run.prony_hops`).
+
+    Atoms come from the moments two ways, fitted side by side: peaks (Algorithm 2) and,
+    for delta features, multivariate Prony on the moment matrices (exact for exact
+    moments of up to 20 atoms in general position; for more atoms the remainder after
+    subtracting the strongest peaks).  The repulsion of eqs. 35-36 is the problem's, or
+    the paper's (epsilon 0.1, sigma 1, n 2, r_min 0.55 Angstrom); r_min is also the
+    blanking radius of the peak finder.
+    """
+
+    trials: int = 3
+    rounds: int = 4
+    retries: int = 2
+    moment_steps: int = 30
+    atom_steps: int = 30
+    polish_steps: int = 300
+    patience: int = 30
+    grid: int = 31
+    species: str = "given"
+    prony_hops: int = 4
+    prony_subsets: int = 8
+
+    name = "milad"
+
+    def __post_init__(self):
+        for field_name in (
+            "trials",
+            "rounds",
+            "retries",
+            "moment_steps",
+            "atom_steps",
+            "polish_steps",
+            "patience",
+            "grid",
+            "prony_subsets",
+        ):
+            if not getattr(self, field_name) > 0:
+                raise StructreconError(f"milad: {field_name} must be positive")
+        if self.prony_hops < 0:
+            raise StructreconError("milad: prony_hops must be >= 0")
+        if self.species not in SPECIES_MODES:
+            raise StructreconError(
+                f"milad: species must be one of {', '.join(SPECIES_MODES)}, got {self.species!r}"
+            )
+
+    # -- moments from invariants -----------------------------------------------------------
+
+    def fit_moments(self, model: MiladModel, phi, generator, *, start=None):
+        """Algorithm 1, batched: moments [B, K] whose invariants are phi [B, F].
+
+        The l = 0 moments are invariants themselves and the power spectrum fixes the norm
+        rho_nl of every other (n, l) block, so each block is written as rho_nl times a
+        unit vector (a free vector, normalised) and only the directions are fitted, to the
+        remaining invariants divided by the product of the norms of their blocks (all of
+        order one, whatever the size of the structure).  Blocks whose norm vanishes (by
+        symmetry) are zero.  The fit is built up by order n' = 1 ... n_max; at each order
+        ``retries`` copies, all but the first with new random directions for the blocks
+        of order n', are fitted side by side and the best is kept.  ``start``: moments
+        [B, K] whose directions start the fit (default random).
+
+        Returns moments [B, K] and the RMSD of the scaled invariants [B].
+        """
+        b = phi.shape[0]
+        k = model.n_moments
+        dtype = phi.dtype
+        nb = len(model.blocks)
+        block_of = model.block_of
+        rho = model.block_norms(phi)
+        scale = model.invariant_scales(phi)  # [B, F]
+        wt = torch.where((scale > 0) & ~model.is_power, 1.0 / scale.clamp_min(1e-300), 0.0)
+        amp = rho[:, block_of] / model.metric.sqrt()  # [B, K]
+        base = torch.zeros(b, k, dtype=dtype)
+        base[:, model.fixed_moments] = phi[:, model.fixed_invariants]
+        directional = model.block_l[block_of] > 0  # [K]
+        if start is None:
+            v = torch.randn(b, k, generator=generator, dtype=dtype)
+        else:
+            v = start * model.metric.sqrt()
+            v = v + 1e-9 * torch.randn(b, k, generator=generator, dtype=dtype)
+
+        def assemble(vv, rows):
+            nrm = torch.zeros(vv.shape[0], nb + 1, dtype=dtype).index_add(1, block_of, vv**2)
+            nrm = nrm.sqrt().clamp_min(1e-150)[:, block_of]
+            unit = vv / nrm
+            return torch.where(directional, amp[rows] * unit, base[rows]), unit, nrm
+
+        reps = self.retries
+        rows_all = torch.arange(b)
+        for order in range(1, model.n_max + 1):
+            inv_rows = torch.nonzero(model.max_orders <= order).flatten()
+            cols = torch.nonzero(directional & (model.order <= order)).flatten()
+            new = directional & (model.order == order)
+            if cols.numel() == 0 or not (wt[:, inv_rows] > 0).any():
+                continue
+            cand = v.repeat_interleave(reps, dim=0)
+            redo = (torch.arange(b * reps) % reps != 0)[:, None] & new[None, :]
+            cand = torch.where(
+                redo, torch.randn(cand.shape, generator=generator, dtype=dtype), cand
+            )
+            src = rows_all.repeat_interleave(reps)
+
+            def fun(vc, idx, cand=cand, inv_rows=inv_rows, cols=cols, order=order, src=src):
+                vv = cand[idx].clone()
+                vv[:, cols] = vc
+                rows = src[idx]
+                y, unit, nrm = assemble(vv, rows)
+                val, jac = model.invariants_of(y, jac=True, order=order)
+                w = wt[rows][:, inv_rows]
+                res = w * (val[:, inv_rows] - phi[rows][:, inv_rows])
+                jy = jac[:, inv_rows] * w[:, :, None] * (amp[rows] / nrm)[:, None, :]
+                jy = torch.where(directional, jy, torch.zeros_like(jy))
+                # d unit / d v = (I - unit unit^T) / |v| within each block
+                proj = torch.zeros(*jy.shape[:2], nb + 1, dtype=dtype).index_add(
+                    2, block_of, jy * unit[:, None, :]
+                )
+                jv = jy - proj[:, :, block_of] * unit[:, None, :]
+                return res, jv[:, :, cols]
+
+            vc, cost = batched_lm(
+                fun, cand[:, cols], steps=self.moment_steps, cost_tol=1e-26 * len(inv_rows)
+            )
+            cand[:, cols] = vc
+            best = torch.nan_to_num(cost, nan=math.inf).reshape(b, reps).argmin(dim=1)
+            v = cand.reshape(b, reps, k)[rows_all, best]
+        y, _, _ = assemble(v, rows_all)
+        val = model.invariants_of(y)
+        n_used = (wt > 0).sum(dim=1).clamp_min(1)
+        return y, (((wt * (val - phi)) ** 2).sum(dim=1) / n_used).sqrt()
+
+    # -- atoms against moments or invariants -------------------------------------------------
+
+    def fit_atoms(
+        self,
+        model,
+        x,
+        w,
+        target,
+        *,
+        kind,
+        rep,
+        steps,
+        fit_w=False,
+        fix_x=False,
+        w_bounds=None,
+        patience=None,
+        weights=None,
+    ):
+        """Atoms (and optionally weights) against moments or invariants, Uhrin eq. 36.
+
+        x [B, N, 3] Angstrom, w [B, N]; target [B, K] moments (``kind='moments'``) or
+        [B, F] invariants (``kind='invariants'``).  Residuals: the target's, plus the
+        summed repulsion (eq. 35) as one more.  ``fit_w`` frees the weights (clipped to
+        ``w_bounds``); ``fix_x`` keeps the positions.  Returns x, w and the squared
+        residual [B].
+        """
+        b, n, _ = x.shape
+        pairs = torch.triu_indices(n, n, offset=1)
+        nx = 0 if fix_x else 3 * n
+        use_rep = rep is not None and n > 1 and not fix_x
+
+        def unpack(v, idx):
+            xx = x[idx] if fix_x else v[:, :nx].reshape(-1, n, 3)
+            return xx, (v[:, nx:] if fit_w else w[idx])
+
+        def fun(v, idx):
+            xx, ww = unpack(v, idx)
+            y, dx, dw = model.moments(xx, ww, jac=True)
+            if kind == "moments":
+                res, jy = y - target[idx], None
+            else:
+                val, jy = model.invariants_of(y, jac=True)
+                res = val - target[idx]
+                if weights is not None:
+                    res = res * weights[idx]
+                    jy = jy * weights[idx][:, :, None]
+            blocks = []
+            if not fix_x:
+                jx = dx.reshape(len(idx), -1, nx)
+                blocks.append(jx if jy is None else jy @ jx)
+            if fit_w:
+                blocks.append(dw if jy is None else jy @ dw)
+            jac = torch.cat(blocks, dim=-1)
+            if use_rep:
+                e, de = _repulsion(rep, xx, pairs)
+                de = de.reshape(len(idx), 1, nx)
+                if fit_w:
+                    de = torch.cat([de, de.new_zeros(len(idx), 1, n)], dim=-1)
+                res = torch.cat([res, e], dim=-1)
+                jac = torch.cat([jac, de], dim=1)
+            return res, jac
+
+        parts = [] if fix_x else [x.reshape(b, -1)]
+        if fit_w:
+            parts.append(w)
+        bounds = None
+        if fit_w and w_bounds is not None:
+            lo = torch.full((nx + n,), -math.inf, dtype=x.dtype)
+            hi = torch.full((nx + n,), math.inf, dtype=x.dtype)
+            lo[nx:], hi[nx:] = w_bounds
+            bounds = (lo, hi)
+        v, cost = batched_lm(
+            fun,
+            torch.cat(parts, dim=-1),
+            steps=steps,
+            cost_tol=1e-28,
+            bounds=bounds,
+            patience=patience or self.patience,
+            progress=0.9,
+        )
+        xx, ww = unpack(v, torch.arange(b))
+        return xx, ww, cost
+
+    # -- run -------------------------------------------------------------------------------
+
+    def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
+        """Invert all targets of ``problem`` (MILAD fingerprints only)."""
+        return _Run(self, problem, generator).outcome()
+
+
+class _Run:
+    """The state of one :meth:`MiladReconstruction.run`."""
+
+    def __init__(self, strategy: MiladReconstruction, problem: Problem, generator):
+        self.s = strategy
+        self.problem = problem
+        self.gen = generator
+        spec = _milad_spec(problem.fn, "the fingerprint")
+        species_fn = getattr(problem, "species_fn", None)
+        species_targets = getattr(problem, "species_targets", None)
+        self.two = species_fn is not None and species_targets is not None
+        self.spec2 = _milad_spec(species_fn, "the species fingerprint") if self.two else None
+        if problem.cell is not None and any(problem.pbc):
+            raise StructreconError("method 'milad' reconstructs clusters only")
+        self.dtype = dtype = torch.float64
+        self.numbers = np.asarray(problem.numbers)
+        self.n = len(self.numbers)
+        self.spec = spec
+        self.model = _model(spec, strategy.grid)
+        self.rep = problem.repulsion or Repulsion()
+        self.phi = problem.targets.to(dtype)
+        self.phi2 = species_targets.to(dtype) if self.two else None
+        self.fit_mode = strategy.species == "fit" and not self.two
+        self.allowed = None
+        if strategy.species == "fit" or self.two:
+            s = self.spec2 if self.two else spec
+            if len(set(s.weights)) < 2:
+                raise StructreconError(
+                    "method 'milad' can only recover species from a fingerprint that weights "
+                    "elements differently (e.g. the milad-species preset)"
+                )
+            self.allowed = torch.tensor(sorted(s.weights), dtype=dtype)
+            self.element = {round(w, 9): z for z, w in zip(s.species, s.weights)}
+        self.given_w = torch.as_tensor(spec.weights_for(self.numbers), dtype=dtype)
+        uniform = bool((self.given_w == self.given_w[0]).all())
+        self.uniform = uniform
+        self.fit_w = self.fit_mode or not uniform
+        if self.fit_mode:
+            lo, hi = float(self.allowed.min()), float(self.allowed.max())
+        else:
+            lo, hi = float(self.given_w.min()), float(self.given_w.max())
+        pad = 0.5 * (hi - lo) / max(len(self.allowed) if self.allowed is not None else 1, 1)
+        self.w_bounds = (lo - pad, hi + pad)
+        self.total_w = self.model.total_weight(self.phi[:, self.model.fixed_invariants[0]])
+        # the polish first weights each invariant by 1 / its natural size (the product of
+        # its blocks' norms, floored at 1e-4 of the largest), so that the fine detail of
+        # the high orders counts as much as the overall shape, then runs unweighted
+        scales = self.model.invariant_scales(self.phi)
+        self.inv_weights = 1.0 / torch.maximum(scales, 1e-4 * scales.amax(dim=1, keepdim=True))
+        self.eval_fn = spec.build(self.numbers)
+        self.eval_fn2 = self.spec2.build(self.numbers) if self.two else None
+
+    def start_weights(self, count):
+        if self.fit_mode:
+            pick = torch.randint(len(self.allowed), (count, self.n), generator=self.gen)
+            return self.allowed[pick]
+        return self.given_w[None].repeat(count, 1)
+
+    def score(self, x, w, tg):
+        """Invariants' RMSD [B] in the frame of the moments (for picking candidates)."""
+        with torch.no_grad():
+            val = self.model.invariants_of(self.model.moments(x, w))
+            rmsd = (val - self.phi[tg]).pow(2).mean(-1).sqrt()
+        return torch.nan_to_num(rmsd, nan=math.inf)
+
+    def fingerprint_rmsd(self, x, w, tg):
+        """Fingerprint RMSD [B] by the fingerprint functions themselves (with centring).
+
+        With two fingerprints, the larger of the two RMSDs.
+        """
+        out = torch.full((x.shape[0],), math.inf, dtype=x.dtype)
+        w_eval = w if self.fit_w else None
+        with torch.no_grad():
+            for i in range(x.shape[0]):  # one at a time: centring may fail on a degenerate one
+                try:
+                    wi = None if w_eval is None else w_eval[i : i + 1]
+                    pred = self.eval_fn(x[i : i + 1], wi)[0, 0]
+                    r = (pred - self.phi[tg[i]]).pow(2).mean().sqrt()
+                    if self.two:
+                        pred2 = self.eval_fn2(x[i : i + 1], w[i : i + 1])[0, 0]
+                        r = torch.maximum(r, (pred2 - self.phi2[tg[i]]).pow(2).mean().sqrt())
+                except (ArithmeticError, ValueError, RuntimeError, np.linalg.LinAlgError):
+                    continue
+                out[i] = r
+        return torch.nan_to_num(out, nan=math.inf)
+
+    def atoms_round(self, y, tg):
+        """Candidates from moments y [L, K] (peaks, Prony), fitted; the best per row."""
+        s, model, n = self.s, self.model, self.n
+        count = y.shape[0]
+        w_range = self.w_bounds if self.fit_w else (float(self.given_w[0]),) * 2
+        xs, ws = [], []
+        xp, wp = model.peaks(y, n, r_exclude=self.rep.r_min, w_range=w_range)
+        xs.append(xp)
+        ws.append(wp)
+        if model.prony_atoms:
+            if n <= model.prony_atoms:
+                xq, wq = model.prony(y, n, self.gen)
+            else:  # the strongest peaks, and Prony on what they leave
+                xq, wq = self.prony_rest(y, xp, wp, torch.arange(n - model.prony_atoms))
+            xs.append(xq)
+            ws.append(wq.clamp(*w_range))
+        c = len(xs)
+        x = torch.stack(xs, dim=1).reshape(count * c, n, 3)
+        w = torch.stack(ws, dim=1).reshape(count * c, n)
+        if not self.fit_w:
+            w = self.given_w[None].repeat(count * c, 1)
+        kw = dict(rep=self.rep, fit_w=self.fit_w, w_bounds=self.w_bounds)
+        yc = y.repeat_interleave(c, 0)
+        if self.fit_w:
+            # weights held (peaks: all at the mean weight, from the zeroth moment; Prony:
+            # its own) while the atoms settle against the moments
+            w = w.clone()
+            w[0::c] = (self.total_w[tg] / n)[:, None]
+            x, w, cost = s.fit_atoms(
+                model, x, w, yc, kind="moments", steps=s.atom_steps, rep=self.rep
+            )
+        else:
+            x, w, cost = s.fit_atoms(model, x, w, yc, kind="moments", steps=s.atom_steps, **kw)
+        # keep the better candidate of each row against the moments
+        ar = torch.arange(count)
+        best = torch.nan_to_num(cost, nan=math.inf).reshape(count, c).argmin(dim=1)
+        x = x.reshape(count, c, n, 3)[ar, best]
+        w = w.reshape(count, c, n)[ar, best]
+        cost = cost.reshape(count, c)[ar, best]
+        if model.prony_atoms and n > model.prony_atoms:
+            x, w, cost = self.prony_hops(y, x, w, cost, **kw)
+        if self.fit_w:  # positions first with the nearest allowed weights
+            w = self.discretise(w, tg)
+            x, w, _ = s.fit_atoms(
+                model,
+                x,
+                w,
+                self.phi[tg],
+                kind="invariants",
+                steps=s.polish_steps,
+                weights=self.inv_weights[tg],
+                rep=self.rep,
+            )
+        x, w, _ = s.fit_atoms(
+            model,
+            x,
+            w,
+            self.phi[tg],
+            kind="invariants",
+            steps=s.polish_steps,
+            weights=self.inv_weights[tg],
+            **kw,
+        )
+        x, w, _ = s.fit_atoms(
+            model, x, w, self.phi[tg], kind="invariants", steps=s.polish_steps, **kw
+        )
+        if self.fit_w:
+            w = self.discretise(w, tg)
+            x, w, _ = s.fit_atoms(
+                model, x, w, self.phi[tg], kind="invariants", steps=s.polish_steps, rep=self.rep
+            )
+        return x, w
+
+    def finish(self, x, w, tg):
+        """Attempts close to a solution (RMSD < 1e-2) but not there: a longer polish.
+
+        Near symmetric structures the invariants change only at second order in the
+        symmetry-breaking displacements, and the polish slows down (ANCHORS, Uhrin).
+        """
+        s = self.s
+        rmsd = self.score(x, w, tg)
+        near = torch.nonzero((rmsd < 1e-2) & (rmsd > 0.1 * self.problem.tol)).flatten()
+        if near.numel():
+            xn, wn, _ = s.fit_atoms(
+                self.model,
+                x[near],
+                w[near],
+                self.phi[tg[near]],
+                kind="invariants",
+                steps=4 * s.polish_steps,
+                rep=self.rep,
+                patience=4 * s.patience,
+            )
+            better = self.score(xn, wn, tg[near]) < rmsd[near]
+            x[near[better]], w[near[better]] = xn[better], wn[better]
+        return x, w
+
+    def prony_rest(self, y, x, w, keep):
+        """Keep atoms ``keep`` ([L, k] or [k]) of x, w; the others by Prony on the rest.
+
+        The moments the kept atoms leave are handed to :meth:`MiladModel.prony`:
+        -> x [L, N, 3], w [L, N].
+        """
+        model = self.model
+        count = y.shape[0]
+        keep = keep.expand(count, -1) if keep.ndim == 1 else keep
+        ar = torch.arange(count)[:, None]
+        xk, wk = x[ar, keep], w[ar, keep]
+        xq, wq = model.prony(y - model.moments(xk, wk), self.n - keep.shape[1], self.gen)
+        return torch.cat([xk, xq], 1), torch.cat([wk, wq], 1)
+
+    def prony_hops(self, y, x, w, cost, *, rep, fit_w, w_bounds):
+        """More atoms than Prony recovers: hops that redo all but a random subset.
+
+        Random subsets of N - 20 fitted atoms are kept, the others found by Prony on the
+        moments the kept ones leave, and refitted; what lowers the residual is kept.
+        """
+        s, model, n = self.s, self.model, self.n
+        k = n - model.prony_atoms
+        reps = s.prony_subsets
+        for _ in range(s.prony_hops):
+            open_ = torch.nonzero(cost > 1e-20).flatten()
+            if open_.numel() == 0:
+                break
+            m = open_.numel()
+            keep = torch.rand(m * reps, n, generator=self.gen).argsort(dim=1)[:, :k]
+            yo = y[open_].repeat_interleave(reps, 0)
+            xo = x[open_].repeat_interleave(reps, 0)
+            wo = w[open_].repeat_interleave(reps, 0)
+            xn, wn = self.prony_rest(yo, xo, wo, keep)
+            if not fit_w:
+                wn = wo
+            else:
+                wn = wn.clamp(*w_bounds)
+            xn, wn, cn = s.fit_atoms(
+                model,
+                xn,
+                wn,
+                yo,
+                kind="moments",
+                steps=s.atom_steps,
+                rep=rep,
+                fit_w=fit_w,
+                w_bounds=w_bounds,
+            )
+            cn = torch.nan_to_num(cn, nan=math.inf).reshape(m, reps)
+            cbest, pick = cn.min(dim=1)
+            ar = torch.arange(m)
+            better = cbest < cost[open_]
+            idx = open_[better]
+            x[idx] = xn.reshape(m, reps, n, 3)[ar, pick][better]
+            w[idx] = wn.reshape(m, reps, n)[ar, pick][better]
+            cost[idx] = cbest[better]
+        return x, w, cost
+
+    def discretise(self, w, rows):
+        """Continuous weights -> element weights (species fit) or the composition's."""
+        if self.fit_mode:
+            return _snap_weights(w, self.allowed, self.total_w[rows])
+        order = w.argsort(dim=1)
+        sorted_w = self.given_w.sort().values.expand_as(w).contiguous()
+        return torch.empty_like(w).scatter_(1, order, sorted_w)
+
+    def species_second(self, x, tg):
+        """Weights against the species fingerprint with positions fixed, snapped, polished."""
+        s = self.s
+        model2 = _model(self.spec2, self.s.grid)
+        b, n, _ = x.shape
+        total = model2.total_weight(self.phi2[tg][:, model2.fixed_invariants[0]])
+        w0 = (total / n)[:, None].repeat(1, n)
+        bounds = (float(self.allowed.min()) - 0.1, float(self.allowed.max()) + 0.1)
+        _, w, _ = s.fit_atoms(
+            model2,
+            x,
+            w0,
+            self.phi2[tg],
+            kind="invariants",
+            rep=None,
+            steps=s.polish_steps,
+            fit_w=True,
+            fix_x=True,
+            w_bounds=bounds,
+        )
+        w = _snap_weights(w, self.allowed, total)
+        x, w, _ = s.fit_atoms(
+            model2, x, w, self.phi2[tg], kind="invariants", rep=self.rep, steps=s.polish_steps
+        )
+        return x, w
+
+    def outcome(self) -> Outcome:
+        from .strategies import Outcome
+
+        s, model, n, dtype = self.s, self.model, self.n, self.dtype
+        t_count, k_att = self.problem.n_targets, s.trials
+        att_target = torch.arange(t_count).repeat_interleave(k_att)
+        best_x = torch.zeros(t_count, n, 3, dtype=dtype)
+        best_w = self.given_w[None].repeat(t_count, 1)
+        best_rmsd = torch.full((t_count,), math.inf, dtype=dtype)
+        done = torch.zeros(t_count, dtype=torch.bool)
+        x_cur = torch.zeros(t_count * k_att, n, 3, dtype=dtype)
+        w_cur = self.start_weights(t_count * k_att)
+        for rnd in range(s.rounds):
+            live = torch.nonzero(~done[att_target]).flatten()
+            if live.numel() == 0:
+                break
+            tg = att_target[live]
+            if rnd == 0:
+                y0 = None
+            else:
+                y0 = model.moments(x_cur[live], w_cur[live])
+            y, moment_rmsd = s.fit_moments(model, self.phi[tg], self.gen, start=y0)
+            x, w = self.atoms_round(y, tg)
+            x, w = self.finish(x, w, tg)
+            x_cur[live], w_cur[live] = x, w
+            if self.two:
+                x, w = self.species_second(x, tg)
+            rmsd = self.fingerprint_rmsd(x, w, tg)
+            _LOG.debug(
+                "round %d: moments %s, fingerprint %s",
+                rnd,
+                np.array2string(moment_rmsd.numpy(), precision=1),
+                np.array2string(rmsd.numpy(), precision=1),
+            )
+            for a in range(live.numel()):
+                t = int(tg[a])
+                if rmsd[a] < best_rmsd[t]:
+                    best_rmsd[t], best_x[t], best_w[t] = rmsd[a], x[a], w[a]
+            done |= best_rmsd < self.problem.tol
+        numbers = None
+        if self.fit_mode or self.two:
+            numbers = np.array(
+                [[self.element.get(round(float(v), 9), 0) for v in row] for row in best_w]
+            )
+        elif not self.uniform:  # atom i must carry numbers[i]'s weight
+            for t in range(t_count):
+                best_x[t] = best_x[t][_match_order(best_w[t], self.given_w)]
+        rmsd = best_rmsd.double().numpy()
+        return Outcome(
+            positions=best_x,
+            loss=rmsd**2,
+            fingerprint_rmsd=rmsd,
+            trials=np.full(t_count, k_att),
+            history=[[] for _ in range(t_count)],
+            numbers=numbers,
+        )

@@ -1,0 +1,332 @@
+"""MILAD reconstruction (Uhrin 2021, section III): the model's moments, invariants and
+Jacobians against the descriptor; Prony and peak finding on exact moments; positions and
+species of small molecules recovered from their fingerprints, with one and with two
+fingerprints; errors; negative controls."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from structrecon import StructreconError
+from structrecon.descriptors import MiladSpec, describe, preset
+from structrecon.descriptors.milad import (
+    load_invariants,
+    moments_from_real,
+    moments_to_real,
+    zernike_moments,
+)
+from structrecon.evaluate import structure_rmsd
+from structrecon.inversion import (
+    STRATEGIES,
+    MiladModel,
+    MiladReconstruction,
+    Target,
+    get_strategy,
+    invert,
+)
+from structrecon.inversion.milad import _snap_weights
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MiladModel(MiladSpec(cutoff=5.0))
+
+
+def centred(name):
+    atoms = molecule(name)
+    atoms.positions -= atoms.positions.mean(axis=0)
+    atoms.info["name"] = name
+    return atoms
+
+
+def one_element(atoms):
+    return Atoms([1] * len(atoms), positions=atoms.positions)
+
+
+# -- the model against the descriptor --------------------------------------------------------
+
+
+@pytest.mark.parametrize("feature", ["delta", "gaussian"])
+def test_moments_and_gradients_match_the_descriptor(feature, rng):
+    spec = MiladSpec(feature=feature, sigma=0.4 if feature == "gaussian" else 0.0)
+    m = MiladModel(spec)
+    x = torch.tensor(rng.normal(scale=1.5, size=(2, 7, 3)))
+    w = torch.tensor(rng.uniform(1.0, 2.0, size=(2, 7)))
+    y, dx, dw = m.moments(x, w, jac=True)
+    ref = moments_to_real(zernike_moments(x, w, 7, 5.0, sigma=m.sigma))
+    np.testing.assert_allclose(y, ref, atol=1e-13)
+    jx = torch.autograd.functional.jacobian(lambda p: m.moments(p, w), x)
+    jw = torch.autograd.functional.jacobian(lambda q: m.moments(x, q), w)
+    np.testing.assert_allclose(dx, jx[[0, 1], :, [0, 1]], atol=1e-12)
+    np.testing.assert_allclose(dw, jw[[0, 1], :, [0, 1]], atol=1e-12)
+
+
+def test_invariants_and_jacobian_match_the_descriptor(model, rng):
+    y = torch.tensor(rng.normal(scale=0.3, size=(3, model.n_moments)))
+    inv = load_invariants(7)
+    val, jac = model.invariants_of(y, jac=True)
+    np.testing.assert_allclose(val, inv(moments_from_real(y)), rtol=1e-12, atol=1e-14)
+    ref = torch.autograd.functional.jacobian(lambda v: inv(moments_from_real(v)), y)
+    np.testing.assert_allclose(jac, ref[[0, 1, 2], :, [0, 1, 2]], rtol=1e-10, atol=1e-13)
+    # the partial evaluation used when building up the orders
+    part, jpart = model.invariants_of(y, jac=True, order=4)
+    rows = model.max_orders <= 4
+    np.testing.assert_allclose(part[:, rows], val[:, rows], atol=1e-15)
+    np.testing.assert_allclose(jpart[:, rows], jac[:, rows], atol=1e-15)
+
+
+def test_block_norms_and_radius_from_the_invariants(model, rng):
+    x = torch.tensor(rng.normal(scale=1.2, size=(2, 6, 3)))
+    w = torch.ones(2, 6, dtype=torch.float64)
+    y = model.moments(x, w)
+    phi = model.invariants_of(y)
+    norms = torch.zeros(2, len(model.blocks), dtype=y.dtype).index_add(
+        1, model.block_of, model.metric * y**2
+    )
+    np.testing.assert_allclose(model.block_norms(phi) ** 2, norms, rtol=1e-9, atol=1e-20)
+    np.testing.assert_allclose(model.mean_square_radius(phi), (x**2).sum(-1).mean(-1), rtol=1e-10)
+    np.testing.assert_allclose(model.total_weight(phi[:, 0]), [6.0, 6.0], rtol=1e-12)
+
+
+def test_prony_recovers_points_and_weights_from_exact_moments(model, rng):
+    n = 15
+    x = torch.tensor(rng.uniform(-2.5, 2.5, size=(2, n, 3)))
+    w = torch.tensor(rng.choice([1.1, 1.3, 1.5, 1.7, 1.9], size=(2, n)))
+    y = model.moments(x, w)
+    xp, wp = model.prony(y, n, torch.Generator().manual_seed(0))
+    for b in range(2):
+        d = torch.cdist(x[b], xp[b])
+        match = d.argmin(dim=1)
+        assert d.min(dim=1).values.max() < 1e-6
+        np.testing.assert_allclose(wp[b][match], w[b], atol=1e-6)
+    # negative control: Prony asked for fewer points than there are cannot fit them
+    xs, _ = model.prony(y, n - 5, torch.Generator().manual_seed(0))
+    assert torch.cdist(x[0], xs[0]).min(dim=1).values.max() > 0.05
+
+
+def test_peaks_find_well_separated_atoms(model):
+    # Algorithm 2 resolves atoms a few Angstrom apart (the n_max = 7 kernel is ~1 A wide)
+    x = torch.tensor(
+        [[[3.0, 0.0, 0.0], [-1.5, 2.6, 0.0], [-1.5, -2.6, 0.0], [0.0, 0.0, 3.0]]],
+        dtype=torch.float64,
+    )
+    y = model.moments(x, torch.ones(1, 4, dtype=torch.float64))
+    found, w = model.peaks(y, 4, r_exclude=0.55)
+    spacing = 10.0 / 30  # the 31-point grid over the 10 A cube
+    assert torch.cdist(x[0], found[0]).min(dim=1).values.max() < spacing
+    np.testing.assert_allclose(w, 1.0)
+    # negative control: atoms closer than the resolution merge into one peak
+    close = torch.tensor([[[0.6, 0.0, 0.0], [-0.6, 0.0, 0.0]]], dtype=torch.float64)
+    y = model.moments(close, torch.ones(1, 2, dtype=torch.float64))
+    found, _ = model.peaks(y, 2, r_exclude=0.55)
+    assert torch.cdist(close[0], found[0]).min(dim=1).values.max() > spacing
+
+
+def test_snap_weights_keeps_the_total():
+    allowed = torch.tensor([1.1, 1.3, 1.5, 1.7, 1.9], dtype=torch.float64)
+    w = torch.tensor([[1.12, 1.38, 1.41, 1.88]], dtype=torch.float64)
+
+    def snap(total):
+        return _snap_weights(w, allowed, torch.tensor([total], dtype=torch.float64))
+
+    np.testing.assert_allclose(snap(5.8), [[1.1, 1.3, 1.5, 1.9]])  # the nearest
+    # totals that need a second-best choice: the atom that moves costs least
+    np.testing.assert_allclose(snap(5.6), [[1.1, 1.3, 1.3, 1.9]])
+    np.testing.assert_allclose(snap(6.0), [[1.1, 1.5, 1.5, 1.9]])
+
+
+# -- reconstruction -----------------------------------------------------------------------------
+
+
+def test_registered_and_options():
+    assert STRATEGIES["milad"] is MiladReconstruction
+    assert get_strategy("milad", trials=2, species="fit").species == "fit"
+    with pytest.raises(StructreconError, match="species must be one of"):
+        MiladReconstruction(species="maybe")
+    with pytest.raises(StructreconError, match="has no option"):
+        get_strategy("milad", lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["NH3", "CH3OH", "CH3CH2OH"])
+def test_positions_recovered(name):
+    atoms = centred(name)
+    fp = describe("milad", [atoms])[0]
+    (res,) = invert(
+        [Target(name=name, numbers=atoms.numbers, fingerprint=fp)],
+        "milad",
+        MiladReconstruction(),
+        tol=TOL,
+    )
+    assert res.converged and res.fingerprint_rmsd < TOL
+    # the fingerprint of what came back, computed afresh
+    assert np.sqrt(np.mean((describe("milad", [res.atoms])[0] - fp) ** 2)) < TOL
+    # positions only: every atom is alike
+    assert structure_rmsd(one_element(atoms), one_element(res.atoms)) < 0.1
+
+
+def test_species_recovered_from_one_fingerprint():
+    atoms = centred("H2CO")
+    spec = preset("milad-species")
+    fp = describe(spec, [atoms])[0]
+    shuffled = np.roll(atoms.numbers, 1)  # the composition given is not used but for N
+    (res,) = invert(
+        [Target(name="m", numbers=shuffled, fingerprint=fp)],
+        spec,
+        MiladReconstruction(species="fit"),
+        tol=TOL,
+    )
+    assert res.converged
+    assert sorted(res.atoms.numbers) == sorted(atoms.numbers)
+    assert structure_rmsd(atoms, res.atoms) < 0.1
+    assert np.sqrt(np.mean((describe(spec, [res.atoms])[0] - fp) ** 2)) < TOL
+
+
+def test_species_from_a_second_fingerprint():
+    atoms = centred("CH3CH2OH")
+    unit, species = preset("milad"), preset("milad-species")
+    target = Target(
+        name="e",
+        numbers=atoms.numbers,
+        fingerprint=describe(unit, [atoms])[0],
+        species_fingerprint=describe(species, [atoms])[0],
+    )
+    (res,) = invert([target], unit, MiladReconstruction(), tol=TOL, species_spec=species)
+    assert res.converged
+    assert sorted(res.atoms.numbers) == sorted(atoms.numbers)
+    assert structure_rmsd(atoms, res.atoms) < 0.1
+
+
+def test_known_composition_with_species_weights_orders_the_atoms():
+    atoms = centred("CH3OH")
+    spec = preset("milad-species")
+    fp = describe(spec, [atoms])[0]
+    (res,) = invert(
+        [Target(name="m", numbers=atoms.numbers, fingerprint=fp)],
+        spec,
+        MiladReconstruction(),
+        tol=TOL,
+    )
+    assert res.converged
+    assert list(res.atoms.numbers) == list(atoms.numbers)
+    # atom i sits where an atom of numbers[i] is: like-atom permutations only
+    assert structure_rmsd(atoms, res.atoms) < 0.1
+
+
+def test_wrong_number_of_atoms_does_not_converge():
+    # negative control: the fingerprint of water asked for as four atoms
+    water = centred("H2O")
+    fp = describe("milad", [water])[0]
+    (res,) = invert(
+        [Target(name="w", numbers=np.array([8, 1, 1, 1]), fingerprint=fp)],
+        "milad",
+        MiladReconstruction(trials=1, rounds=1),
+        tol=TOL,
+    )
+    assert not res.converged and res.fingerprint_rmsd > 1e-3
+
+
+def test_wrong_descriptor_is_a_one_line_error():
+    atoms = centred("H2O")
+    fp = describe("acsf", [atoms])[0]
+    with pytest.raises(StructreconError, match="needs a MILAD fingerprint") as err:
+        invert(
+            [Target(name="w", numbers=atoms.numbers, fingerprint=fp)], "acsf", MiladReconstruction()
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_species_fit_needs_species_weights():
+    atoms = centred("H2O")
+    fp = describe("milad", [atoms])[0]
+    with pytest.raises(StructreconError, match="weights elements differently") as err:
+        invert(
+            [Target(name="w", numbers=atoms.numbers, fingerprint=fp)],
+            "milad",
+            MiladReconstruction(species="fit"),
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_cli_species_options(tmp_path, capsys):
+    import ase.io
+
+    from structrecon.cli import main
+
+    atoms = centred("H2O")
+    ase.io.write(tmp_path / "w.extxyz", atoms)
+    assert (
+        main(
+            [
+                "describe",
+                str(tmp_path / "w.extxyz"),
+                "-d",
+                "milad-species",
+                "-o",
+                str(tmp_path / "fp.npz"),
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "out.extxyz"
+    assert (
+        main(
+            [
+                "invert",
+                str(tmp_path / "fp.npz"),
+                "-o",
+                str(out),
+                "--method",
+                "milad",
+                "--fit-species",
+                "--tol",
+                "1e-6",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    got = ase.io.read(out)
+    assert sorted(got.numbers) == [1, 1, 8] and got.info["converged"]
+    code = main(
+        ["invert", str(tmp_path / "fp.npz"), "-o", str(tmp_path / "x.extxyz"), "--fit-species"]
+    )
+    assert code != 0
+    assert "need --method milad" in capsys.readouterr().err
+
+
+def test_species_fingerprints_must_match_the_targets():
+    from structrecon.fingerprints import FingerprintSet
+    from structrecon.inversion import targets_from_fingerprints
+
+    def fps(names, numbers):
+        k = len(names)
+        return FingerprintSet(
+            spec=preset("milad-species"),
+            names=names,
+            numbers=[np.array(n) for n in numbers],
+            cells=np.zeros((k, 3, 3)),
+            pbc=np.zeros((k, 3), dtype=bool),
+            fingerprints=np.zeros((k, 117)),
+        )
+
+    main = fps(["a", "b"], [[8, 1, 1], [7, 1, 1, 1]])
+    targets = targets_from_fingerprints(
+        main, species_fps=fps(["a", "b"], [[8, 1, 1], [7, 1, 1, 1]])
+    )
+    assert targets[1].species_fingerprint.shape == (117,)
+    with pytest.raises(StructreconError, match="same structures"):
+        targets_from_fingerprints(main, species_fps=fps(["a", "c"], [[8, 1, 1], [7, 1, 1, 1]]))
+    with pytest.raises(StructreconError, match="same structures"):
+        targets_from_fingerprints(main, species_fps=fps(["a", "b"], [[8, 1, 1], [6, 1, 1, 1]]))
+    # a species spec without species fingerprints in the targets
+    with pytest.raises(StructreconError, match="species fingerprint missing"):
+        invert(
+            targets_from_fingerprints(main),
+            "milad",
+            MiladReconstruction(),
+            species_spec="milad-species",
+        )
