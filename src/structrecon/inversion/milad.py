@@ -984,6 +984,8 @@ class _Run:
         x, w, _ = s.fit_atoms(
             model, x, w, self.phi[tg], kind="invariants", steps=s.polish_steps, **kw
         )
+        if self.fit_mode:  # the weights once more, with the positions held
+            w = self.weights_for(model, x, w, self.phi[tg])
         if self.fit_w:
             w = self.discretise(w, tg)
             x, w, _ = s.fit_atoms(
@@ -1081,19 +1083,24 @@ class _Run:
         sorted_w = self.given_w.sort().values.expand_as(w).contiguous()
         return torch.empty_like(w).scatter_(1, order, sorted_w)
 
-    def species_second(self, x, tg):
-        """Weights against the species fingerprint with positions fixed, snapped, polished."""
+    def weights_for(self, model, x, w, phi):
+        """Weights [B, N] for fixed positions x [B, N, 3] against invariants phi [B, F].
+
+        A weights-only fit (N unknowns, cheap) from w and from ``4 * retries - 1`` random
+        element weights, the best kept: even with the positions fixed it has local minima
+        (e.g. the weights of a near-symmetric molecule mirrored).
+        """
         s = self.s
-        model2 = _model(self.spec2, self.s.grid)
         b, n, _ = x.shape
-        total = model2.total_weight(self.phi2[tg][:, model2.fixed_invariants[0]])
-        w0 = (total / n)[:, None].repeat(1, n)
+        starts = 4 * s.retries
+        w0 = self.allowed[torch.randint(len(self.allowed), (b * starts, n), generator=self.gen)]
+        w0[::starts] = w
         bounds = (float(self.allowed.min()) - 0.1, float(self.allowed.max()) + 0.1)
-        _, w, _ = s.fit_atoms(
-            model2,
-            x,
+        _, w, cost = s.fit_atoms(
+            model,
+            x.repeat_interleave(starts, 0),
             w0,
-            self.phi2[tg],
+            phi.repeat_interleave(starts, 0),
             kind="invariants",
             rep=None,
             steps=s.polish_steps,
@@ -1101,9 +1108,18 @@ class _Run:
             fix_x=True,
             w_bounds=bounds,
         )
+        best = torch.nan_to_num(cost, nan=math.inf).reshape(b, starts).argmin(dim=1)
+        return w.reshape(b, starts, n)[torch.arange(b), best]
+
+    def species_second(self, x, tg):
+        """Weights against the species fingerprint with positions fixed, snapped, polished."""
+        model2 = _model(self.spec2, self.s.grid)
+        n = x.shape[1]
+        total = model2.total_weight(self.phi2[tg][:, model2.fixed_invariants[0]])
+        w = self.weights_for(model2, x, (total / n)[:, None].repeat(1, n), self.phi2[tg])
         w = _snap_weights(w, self.allowed, total)
-        x, w, _ = s.fit_atoms(
-            model2, x, w, self.phi2[tg], kind="invariants", rep=self.rep, steps=s.polish_steps
+        x, w, _ = self.s.fit_atoms(
+            model2, x, w, self.phi2[tg], kind="invariants", rep=self.rep, steps=self.s.polish_steps
         )
         return x, w
 
