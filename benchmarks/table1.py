@@ -35,8 +35,15 @@ if not DATA.is_dir():
     DATA = Path("/work/shared/data/pt10_structrepgen")
 TARGETS = np.round(np.arange(1.9, 3.71, 0.3), 2)
 # Fung 2022, Table 1, n = 300 columns: target -> (MAE eV/atom, percent within +-0.1)
-PAPER_300 = {1.9: (0.06, 87.68), 2.2: (0.05, 89.75), 2.5: (0.05, 88.94), 2.8: (0.06, 82.23),
-             3.1: (0.07, 73.32), 3.4: (0.08, 64.53), 3.7: (0.08, 75.72)}
+PAPER_300 = {
+    1.9: (0.06, 87.68),
+    2.2: (0.05, 89.75),
+    2.5: (0.05, 88.94),
+    2.8: (0.06, 82.23),
+    3.1: (0.07, 73.32),
+    3.4: (0.08, 64.53),
+    3.7: (0.08, 75.72),
+}
 
 
 def pca_figure(path, norm, X_full, train_idx, y_full, generated, panels):
@@ -83,13 +90,21 @@ def main():
 
     data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
     t0 = time.perf_counter()
-    sur = train(data, SurrogateSpec(n_features=380, epochs=args.surrogate_epochs),
-                seed=args.seed, progress=False)
+    sur = train(
+        data,
+        SurrogateSpec(n_features=380, epochs=args.surrogate_epochs),
+        seed=args.seed,
+        progress=False,
+    )
     t_sur = time.perf_counter() - t0
     sur.save(out / "table1_surrogate")
     t0 = time.perf_counter()
-    cvae = train(data, CVAESpec(n_features=380, epochs=args.epochs, beta=args.beta),
-                 seed=args.seed, progress=False)
+    cvae = train(
+        data,
+        CVAESpec(n_features=380, epochs=args.epochs, beta=args.beta),
+        seed=args.seed,
+        progress=False,
+    )
     t_cvae = time.perf_counter() - t0
     cvae.save(out / f"table1_cvae_{tag}")
 
@@ -105,8 +120,14 @@ def main():
         generated[float(target)] = X
         err = np.abs(sur.predict(X) - target)
         n_near = int((np.abs(data.prop - target) <= 0.1).sum())
-        rows.append({"target": float(target), "mae": float(err.mean()),
-                     "within": float(100 * (err <= 0.1).mean()), "n_data_within": n_near})
+        rows.append(
+            {
+                "target": float(target),
+                "mae": float(err.mean()),
+                "within": float(100 * (err <= 0.1).mean()),
+                "n_data_within": n_near,
+            }
+        )
 
     lines = [
         f"cVAE beta={args.beta:g}, {args.epochs} epochs ({t_cvae:.0f} s); surrogate "
@@ -121,21 +142,39 @@ def main():
     ]
     for r in rows:
         pm, pw = PAPER_300[r["target"]]
-        lines.append(f"| {r['target']:.1f} | {r['mae']:.3f} | {r['within']:.1f} | {pm:.2f} | "
-                     f"{pw:.2f} | {r['n_data_within']} |")
+        lines.append(
+            f"| {r['target']:.1f} | {r['mae']:.3f} | {r['within']:.1f} | {pm:.2f} | "
+            f"{pw:.2f} | {r['n_data_within']} |"
+        )
     worst = min(r["within"] for r in rows)
     lines.append("")
     lines.append(f"Minimum over targets: {worst:.1f}% (bar: >= 90% at every target).")
     text = "\n".join(lines)
     print(text)
     (out / f"table1_{tag}.md").write_text(text + "\n")
-    (out / f"table1_{tag}.json").write_text(json.dumps({
-        "args": vars(args), "rows": rows, "seconds_cvae": t_cvae, "seconds_surrogate": t_sur,
-        "seconds_generation": t_gen, "surrogate_validation_mae": float(err_va.mean()),
-    }, indent=1))
+    (out / f"table1_{tag}.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "rows": rows,
+                "seconds_cvae": t_cvae,
+                "seconds_surrogate": t_sur,
+                "seconds_generation": t_gen,
+                "surrogate_validation_mae": float(err_va.mean()),
+            },
+            indent=1,
+        )
+    )
     tr, _ = split_indices(300, 0.8, args.seed)
-    pca_figure(out / f"table1_pca_{tag}.png", cvae.normaliser, data.fingerprints, tr,
-               data.prop, generated, [1.9, 2.8, 3.7])
+    pca_figure(
+        out / f"table1_pca_{tag}.png",
+        cvae.normaliser,
+        data.fingerprints,
+        tr,
+        data.prop,
+        generated,
+        [1.9, 2.8, 3.7],
+    )
     print(f"wrote {out}/table1_{tag}.md, .json, table1_pca_{tag}.png")
 
 

@@ -148,7 +148,9 @@ def test_bad_inputs_give_one_line_errors(workdir, tmp_path):
     )
 
     code, _, err = run_cli("invert", fp, "-o", tmp_path / "o.extxyz", "--method", "magic")
-    one_line_error(code, err, "unknown method 'magic'; valid: adam-hops, lbfgs, lm, milad, noisy-gd")
+    one_line_error(
+        code, err, "unknown method 'magic'; valid: adam-hops, lbfgs, lm, milad, noisy-gd"
+    )
 
     far = tmp_path / "far.xyz"
     ase.io.write(far, Atoms("Pt3", positions=[[0, 0, 0], [2.5, 0, 0], [40, 0, 0]]))
