@@ -29,7 +29,8 @@ atoms in the cutoff sphere, as the paper.
     OMP_NUM_THREADS=1 python benchmarks/qm9_milad.py --sizes 5 10 15 20 25 --per-size 1
 
 The ``milad`` package takes minutes per molecule; ``--milad-per-size`` runs it on the first
-k molecules of each size only, ``--skip-milad`` not at all.  Writes
+k molecules of each size only, ``--milad-max-atoms`` on the small ones only, ``--skip-milad``
+not at all.  Writes
 benchmarks/results/qm9_milad[_TAG].json, .md and .png.
 """
 
@@ -364,6 +365,21 @@ def main():
         "--milad-per-size", type=int, help="run the milad package on this many per size only"
     )
     parser.add_argument(
+        "--milad-max-atoms",
+        type=int,
+        help="run the milad package only on molecules of at most this many atoms",
+    )
+    parser.add_argument(
+        "--milad-species-max-atoms",
+        type=int,
+        help="the same for the species mode (default: --milad-max-atoms)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the records of an earlier run with the same tag, run only what is missing",
+    )
+    parser.add_argument(
         "--milad-modes",
         nargs="+",
         default=["positions", "species"],
@@ -377,19 +393,26 @@ def main():
     out = HERE / "results" / ("qm9_milad" + (f"_{args.tag}" if args.tag else ""))
     out.parent.mkdir(exist_ok=True)
     records = []
+    if args.resume and out.with_suffix(".json").exists():
+        records = json.loads(out.with_suffix(".json").read_text())
+    done = {(r["name"], r["code"], r["mode"]) for r in records}
+    species_max = args.milad_species_max_atoms or args.milad_max_atoms
     milad_quota = {}
     for atoms in molecules:
         n = len(atoms)
         base = dict(name=atoms.info["name"], n_atoms=n, formula=atoms.get_chemical_formula())
         run_milad_here = not args.skip_milad and (
             args.milad_per_size is None or milad_quota.get(n, 0) < args.milad_per_size
-        )
+        ) and (args.milad_max_atoms is None or n <= args.milad_max_atoms)
         milad_quota[n] = milad_quota.get(n, 0) + 1
         for mode in args.modes:
             jobs = [("ours", run_ours)]
             if run_milad_here and mode in args.milad_modes:
-                jobs.append(("milad", run_milad))
+                if mode != "species" or species_max is None or n <= species_max:
+                    jobs.append(("milad", run_milad))
             for code, fn in jobs:
+                if (base["name"], code, mode) in done:
+                    continue
                 r = dict(base, code=code, mode=mode, **fn(atoms, mode, args.attempts, args.seed))
                 records.append(r)
                 fp_ok, st_ok = success(r)

@@ -214,3 +214,24 @@ def test_local_lm_recovers_md_like_frames_from_the_relaxed_start():
         assert structure_rmsd(ref, res.atoms) < 0.05
     # negative control: the relaxed start itself is far from the frames
     assert min(structure_rmsd(ref, relaxed) for ref in frames) > 0.08
+
+
+def test_forward_difference_jacobian_matches_forward_mode():
+    from torch.func import jacfwd, vmap
+
+    from structrecon.inversion.strategies import _fd_jacobian
+
+    a = molecule("CH3CH2OH")
+    fn = fingerprint_fn(preset("acsf"), a.numbers)
+    rng = np.random.default_rng(0)
+    x = torch.tensor(
+        a.positions[None] + rng.normal(scale=0.05, size=(2, len(a), 3)), dtype=torch.float64
+    )
+    exact = vmap(jacfwd(lambda p: fn(p[None])[0]))(x).reshape(2, -1, 3 * len(a))
+    approx = _fd_jacobian(fn, x, fn(x))
+    assert float((approx - exact).norm() / exact.norm()) < 1e-4
+    # negative control: a distorted structure's Jacobian differs
+    other = _fd_jacobian(fn, x + 0.1 * torch.from_numpy(rng.normal(size=x.shape)), fn(x))
+    assert float((other - exact).norm() / exact.norm()) > 1e-2
+    with pytest.raises(StructreconError, match="jacobian must be"):
+        get_strategy("lm", jacobian="magic")
