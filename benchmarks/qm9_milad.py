@@ -401,9 +401,11 @@ def main():
     for atoms in molecules:
         n = len(atoms)
         base = dict(name=atoms.info["name"], n_atoms=n, formula=atoms.get_chemical_formula())
-        run_milad_here = not args.skip_milad and (
-            args.milad_per_size is None or milad_quota.get(n, 0) < args.milad_per_size
-        ) and (args.milad_max_atoms is None or n <= args.milad_max_atoms)
+        run_milad_here = (
+            not args.skip_milad
+            and (args.milad_per_size is None or milad_quota.get(n, 0) < args.milad_per_size)
+            and (args.milad_max_atoms is None or n <= args.milad_max_atoms)
+        )
         milad_quota[n] = milad_quota.get(n, 0) + 1
         for mode in args.modes:
             jobs = [("ours", run_ours)]
