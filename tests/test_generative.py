@@ -140,6 +140,15 @@ def test_conditioning_moves_surrogate_prediction(pt10):
     assert abs(np.median(low) - 2.2) < 0.3 and abs(np.median(high) - 3.4) < 0.3
     # generated samples are diverse, not one decoded point
     assert cvae.generate(2.8, 50, seed=2).std(axis=0).max() > 0
+    # a lower temperature draws z nearer the centre: less spread; T = 1 is the default
+    cold = cvae.generate(2.8, 500, seed=2, temperature=0.3).std(axis=0).mean()
+    warm = cvae.generate(2.8, 500, seed=2, temperature=1.0).std(axis=0).mean()
+    assert cold < 0.8 * warm
+    np.testing.assert_allclose(
+        cvae.generate(2.8, 5, seed=2, temperature=1.0), cvae.generate(2.8, 5, seed=2)
+    )
+    with pytest.raises(StructreconError, match="temperature must be > 0"):
+        cvae.generate(2.8, 5, temperature=0.0)
 
 
 @needs_data

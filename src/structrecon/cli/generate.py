@@ -1,10 +1,10 @@
 """Generate fingerprints for a target property with a trained cVAE (Fung 2022, sec. 3.2).
 
-Samples z ~ N(0, I), decodes them conditioned on the target and writes a fingerprint file
-that 'structrecon invert' reads, with the composition and cell of the training data,
-names gen_Y_k and the property prop_target.  With --surrogate, the generated
-fingerprints are scored by a trained surrogate: MAE to the target and the share within
-+-0.1 (property units, e.g. eV/atom).
+Samples z ~ N(0, T^2 I) (temperature T, default 1), decodes them conditioned on the
+target and writes a fingerprint file that 'structrecon invert' reads, with the
+composition and cell of the training data, names gen_Y_k and the property prop_target.
+With --surrogate, the generated fingerprints are scored by a trained surrogate: MAE to
+the target and the share within +-0.1 (property units, e.g. eV/atom).
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ def add_arguments(p):
     p.add_argument("-n", type=int, required=True, metavar="K", help="number of samples")
     p.add_argument("-o", "--output", required=True, help="fingerprint file to write (.npz)")
     p.add_argument("--seed", type=int, default=0, help="seed of z")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="z ~ N(0, T^2 I); T < 1 follows the target more closely, less diverse (1)",
+    )
     p.add_argument("--surrogate", metavar="MODEL_DIR", help="score samples with this surrogate")
     p.add_argument(
         "--window", type=float, default=0.1, help="half width of the 'within' window (0.1)"
@@ -39,7 +46,7 @@ def run(args) -> int:
         surrogate.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
     ):
         raise StructreconError("the surrogate was trained on another fingerprint spec")
-    X = cvae.generate(args.target, args.n, seed=args.seed)
+    X = cvae.generate(args.target, args.n, seed=args.seed, temperature=args.temperature)
     label = f"{args.target:g}"
     fset = FingerprintSet(
         spec=cvae.fingerprint_spec,

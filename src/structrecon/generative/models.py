@@ -202,12 +202,21 @@ class CVAE(nn.Module):
         return recon + self.spec.beta * kl, kl
 
     @torch.no_grad()
-    def sample(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode z ~ N(0, I) conditioned on normalised targets y [B, 1] -> x [B, F]."""
+    def sample(
+        self,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Decode z ~ N(0, T^2 I) conditioned on normalised targets y [B, 1] -> x [B, F].
+
+        A temperature T < 1 keeps z nearer the prior's centre: samples follow the
+        condition more closely and are less diverse.
+        """
         z = torch.randn(
             (y.shape[0], self.spec.latent), generator=generator, dtype=y.dtype, device=y.device
         )
-        return self.decode(z, y)
+        return self.decode(temperature * z, y)
 
 
 class Surrogate(nn.Module):

@@ -149,10 +149,13 @@ class TrainedModel:
                 out.append(self.model(chunk).double().numpy())
         return self.normaliser.y_inverse(np.concatenate(out))
 
-    def generate(self, target: float, n: int, seed: int | None = 0) -> np.ndarray:
+    def generate(
+        self, target: float, n: int, seed: int | None = 0, temperature: float = 1.0
+    ) -> np.ndarray:
         """CVAE only: ``n`` fingerprints [n, F] for property ``target`` (property units).
 
-        z ~ N(0, I) is decoded conditioned on the normalised target, then de-normalised.
+        z ~ N(0, temperature^2 I) is decoded conditioned on the normalised target, then
+        de-normalised; a temperature below 1 trades diversity for fidelity to the target.
         """
         if not isinstance(self.model, CVAE):
             raise StructreconError("this model is a surrogate, not a cVAE")
@@ -160,10 +163,12 @@ class TrainedModel:
             raise StructreconError(f"number of samples must be >= 1, got {n}")
         if not np.isfinite(target):
             raise StructreconError(f"target must be finite, got {target}")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise StructreconError(f"temperature must be > 0, got {temperature}")
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
         y = torch.full((n, 1), float(self.normaliser.y(target)), dtype=torch.float32)
         self.model.eval()
-        x = self.model.sample(y, generator=gen).double().numpy()
+        x = self.model.sample(y, generator=gen, temperature=float(temperature)).double().numpy()
         return self.normaliser.x_inverse(x)
 
 
