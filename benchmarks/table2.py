@@ -53,6 +53,9 @@ def main(argv=None):
         help="screen: keep this share of samples with the lowest reconstruction loss",
     )
     p.add_argument("--reuse", action="store_true", help="reuse a finished run's files")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="latent temperature of generate (1)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "table2"))
     args = p.parse_args(argv)
@@ -121,6 +124,8 @@ def main(argv=None):
                 str(gen),
                 "--seed",
                 str(args.seed),
+                "--temperature",
+                str(args.temperature),
             ]
         )
         t1 = time.perf_counter()
@@ -171,7 +176,8 @@ def main(argv=None):
     lines.append("")
     lines.append(
         f"{len(e_form)} EMT frames (furthest-point subset of {args.relaxations} relaxations), "
-        f"cVAE beta {args.beta}, {args.epochs} epochs; {args.samples} samples per target; "
+        f"cVAE beta {args.beta}, {args.epochs} epochs; {args.samples} samples per target "
+        f"at latent temperature {args.temperature:g}; "
         f"screen: the {100 * args.screen_keep:.0f}% of samples with the lowest reconstruction "
         f"fingerprint RMSD. Data built in {t_data:.0f} s; "
         f"{np.mean([r['seconds_per_inversion'] for r in rows]):.1f} s per inversion."
