@@ -1119,9 +1119,9 @@ class _Run:
         one down), and takes the candidate that lowers the squared residual of the
         invariants phi [B, F] most (unscaled: from snapped noisy weights it restored 45 of
         50 cases on three molecules, against 32 with the residuals scaled by the blocks'
-        norms); it stops when none does.  The moments are linear in
-        the weights, so a candidate costs one matrix product and the invariants: thousands
-        of candidates per sweep are cheap.  Returns the weights.
+        norms); it stops when none does.  The moments are linear in the weights, so a
+        candidate costs one matrix product and the invariants: thousands of candidates
+        per sweep are cheap.  Returns the weights.
         """
         b, n = w.shape
         allowed = self.allowed

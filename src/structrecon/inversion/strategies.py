@@ -527,10 +527,10 @@ class LocalLM:
     at an exactly planar start the gradient has no out-of-plane part), and it draws
     the phases of the ring distortions that a symmetric start leaves undecided.  The
     Jacobians are forward differences (``jacobian='fd'``, several times cheaper than
-    forward mode for the bispectrum) or ``'autodiff'``.  All starts of all targets are polished as
-    one batch (:func:`lm_polish`, ``steps`` iterations; a trial whose residual has not
-    fallen 4x in ``patience`` iterations is dropped); a target whose fingerprint
-    RMSD is below the problem's ``tol`` is done, the others hop: new trials around
+    forward mode for the bispectrum) or ``'autodiff'``.  All starts of all targets are
+    polished as one batch (:func:`lm_polish`, ``steps`` iterations; a trial whose
+    residual has not fallen 4x in ``patience`` iterations is dropped); a target whose
+    fingerprint RMSD is below the problem's ``tol`` is done, the others hop: new trials around
     their best structure with ``hop_noise`` Angstrom of noise, up to ``hops`` times.
     Without start structures the starts are random, which only suits small systems.
     """
