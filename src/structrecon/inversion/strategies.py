@@ -165,9 +165,7 @@ def lbfgs_polish(
     return torch.where(ok[:, None, None], new, x), torch.where(ok, rmsd1, rmsd0)
 
 
-def _fd_jacobian(
-    fn, x: torch.Tensor, targets: torch.Tensor, *, step: float = 1e-6, chunk: int = 2048
-) -> torch.Tensor:
+def _fd_jacobian(fn, x: torch.Tensor, *, step: float = 1e-6, chunk: int = 2048) -> torch.Tensor:
     """Forward-difference Jacobians [B, F, 3N] of ``fn`` at x [B, N, 3], in float64.
 
     All 3N displaced copies of all structures go through ``fn`` in batches of ``chunk``.
@@ -183,8 +181,15 @@ def _fd_jacobian(
         disp = disp.reshape(b * d, n, 3)
         out = torch.cat([fn(disp[i : i + chunk]) for i in range(0, b * d, chunk)])
     jac = (out.reshape(b, d, -1) - f0[:, None, :]) / step
-    del targets  # the residual's offset does not change its Jacobian
     return jac.transpose(1, 2)
+
+
+JACOBIANS = ("autodiff", "fd")
+
+
+def _check_jacobian(value: str) -> None:
+    if value not in JACOBIANS:
+        raise StructreconError(f"lm: jacobian must be 'autodiff' or 'fd', got {value!r}")
 
 
 def lm_polish(
@@ -223,12 +228,11 @@ def lm_polish(
     def single(p, t):
         return problem.fn(p[None])[0] - t
 
-    if jacobian not in ("autodiff", "fd"):
-        raise StructreconError(f"lm: jacobian must be 'autodiff' or 'fd', got {jacobian!r}")
+    _check_jacobian(jacobian)
     if jacobian == "fd":
 
-        def jac(xs, ts):
-            return _fd_jacobian(problem.fn, xs, ts)
+        def jac(xs, ts):  # the residual's offset ts does not change its Jacobian
+            return _fd_jacobian(problem.fn, xs)
 
     elif problem.cell is not None and any(problem.pbc):
         # periodic neighbour slots are chosen from the data, which vmap cannot batch
@@ -549,10 +553,7 @@ class LocalLM:
         _positive(self, "trials", "hops", "steps", "patience")
         if self.start_noise < 0 or self.hop_noise < 0:
             raise StructreconError("lm: start_noise and hop_noise must be >= 0")
-        if self.jacobian not in ("autodiff", "fd"):
-            raise StructreconError(
-                f"lm: jacobian must be 'autodiff' or 'fd', got {self.jacobian!r}"
-            )
+        _check_jacobian(self.jacobian)
 
     def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
         """Invert all targets of ``problem``."""
