@@ -235,3 +235,10 @@ def test_forward_difference_jacobian_matches_forward_mode():
     assert float((other - exact).norm() / exact.norm()) > 1e-2
     with pytest.raises(StructreconError, match="jacobian must be"):
         get_strategy("lm", jacobian="magic")
+    # ACSF has no analytic Jacobian: asking for one is a one-line error
+    with pytest.raises(StructreconError, match="no analytic Jacobian"):
+        invert(
+            [Target(name="x", numbers=a.numbers, fingerprint=fn(x[:1])[0].numpy())],
+            "acsf",
+            get_strategy("lm", jacobian="analytic"),
+        )

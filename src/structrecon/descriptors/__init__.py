@@ -205,8 +205,23 @@ def fingerprint_fn(spec: FingerprintSpec, numbers, cell=None, pbc=None):
     def fn(positions: torch.Tensor) -> torch.Tensor:
         return pool(per_atom(positions), spec.pooling, numbers, spec.species)
 
+    def jacobian(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fingerprints [B, F] and their Jacobians [B, F, 3N] (pooling is linear)."""
+        values, jac = per_atom.jacobian(positions)  # [B, N, K], [B, N, K, N, 3]
+        b, n, k = values.shape
+        jac = jac.reshape(b, n, k, 3 * n).transpose(1, 3)  # [B, 3N, K, N]: pool over atoms
+        pooled = pool(
+            jac.reshape(b * 3 * n, k, n).transpose(1, 2), spec.pooling, numbers, spec.species
+        )
+        return pool(values, spec.pooling, numbers, spec.species), pooled.view(
+            b, 3 * n, -1
+        ).transpose(1, 2)
+
     fn.n_features = spec.n_features
     fn.spec = spec
+    # an analytic Jacobian where the descriptor has one and the pooling is linear
+    linear = spec.pooling in ("sum", "sum-species", "mean", "none")
+    fn.jacobian = jacobian if linear and getattr(per_atom, "jacobian", None) else None
     return fn
 
 

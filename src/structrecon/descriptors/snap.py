@@ -57,6 +57,7 @@ __all__ = ["BispectrumSpec", "bispectrum_fn", "bispectrum_triples"]
 _MAX_TWOJMAX = 16
 #: batches are evaluated in chunks whose largest intermediate array stays below this
 _CHUNK_BYTES = 1 << 24
+JACOBIAN_CHUNK_BYTES = 1 << 25
 
 
 def bispectrum_triples(twojmax: int) -> list[tuple[int, int, int]]:
@@ -272,6 +273,129 @@ def _tables(twojmax: int) -> _Tables:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _JacobianTables:
+    """Tables of the analytic Jacobian for one twojmax (NumPy; see :func:`_jacobian_tables`)."""
+
+    groups: tuple  # per a: (a, s_index [Q, a+1], s_coef, z_index [nz_a, a+1], z_coef)
+    full_offset: tuple  # start of each layer j in the full [m, m'] layout
+    order: np.ndarray  # [n_z] Z entries sorted by output layer c (then triple, m, m')
+    layers: tuple  # per c: (first entry, triples with output c, (c + 1)(c/2 + 1), left start)
+    dagger_source: np.ndarray  # [n_z] sorted entry of Z^H's stored element
+    dagger_sign: np.ndarray  # [n_z, 2] its factors for (Re, Im)
+    combine: np.ndarray  # [K, n_triples] factor of each sorted triple in each component
+    fold_weight: np.ndarray  # [n_left] 2, or 1 on the middle column m' = j/2
+
+
+@functools.lru_cache(maxsize=8)
+def _jacobian_tables(twojmax: int) -> _JacobianTables:
+    """Z^c_{ab} for the label triples the derivative needs, and how they combine.
+
+    B_{j1 j2 j} = <u^j, Z^j_{j1 j2}> with Z^c_{ab} = C^T (u^a (x) u^b) C.  Its derivative
+    along du (Thompson 2015; LAMMPS ``compute_dbidrj``) is Re <du, Y> with
+    Y = Z^j_{j1 j2} on layer j, + (j + 1)/(j1 + 1) Z^{j1}_{j j2} on layer j1,
+    + (j + 1)/(j2 + 1) Z^{j2}_{j j1} on layer j2.  Z, like u, is fixed by its columns
+    m' <= c/2, and only those are computed: per a, W = u^a S^T (rows q = (b, c, m', ma2) of
+    CG-weighted u^b) and Z^c_{ab}[m, m'] = sum_{ma1} C(ma1, ma2 | m) W[ma1, q], with
+    ma2 = m + h - ma1.  Because Y has u's mirror symmetry, Re <du, Y> over all elements
+    is the sum over the stored columns with weight 2 (1 on the middle column).  The Z
+    entries are sorted by output layer c, so that each layer's blocks are contracted with
+    that layer of du in one product, and ``combine`` sums the triples into components.
+    """
+    triples = bispectrum_triples(twojmax)
+    full_offset = np.cumsum([0] + [(j + 1) ** 2 for j in range(twojmax + 1)])
+    half = [j // 2 for j in range(twojmax + 1)]
+    left_offset = np.cumsum([0] + [(j + 1) * (half[j] + 1) for j in range(twojmax + 1)])
+    need = set()
+    for j1, j2, j in triples:
+        need.update({(j1, j2, j), (j, j2, j1), (j, j1, j2)})
+    groups, where = [], {}
+    n_z = 0
+    for a in range(twojmax + 1):
+        mine = sorted(t for t in need if t[0] == a)
+        if not mine:
+            continue
+        n_a = a + 1
+        rows = [
+            (b, c, mb, ma2) for _, b, c in mine for mb in range(half[c] + 1) for ma2 in range(b + 1)
+        ]
+        row_of = {r: q for q, r in enumerate(rows)}
+        n_q = len(rows)
+        cgs = {(b, c): _clebsch_gordan(a, b, c) for _, b, c in mine}
+        s_index = np.zeros((n_q, n_a), dtype=np.int64)
+        s_coef = np.zeros((n_q, n_a))
+        for q, (b, c, mb, ma2) in enumerate(rows):
+            cg, h = cgs[(b, c)], (a + b - c) // 2
+            for mb1 in range(n_a):
+                mb2 = mb + h - mb1
+                if 0 <= mb2 <= b and cg[mb1, mb2] != 0.0:
+                    s_index[q, mb1] = full_offset[b] + ma2 * (b + 1) + mb2
+                    s_coef[q, mb1] = cg[mb1, mb2]
+        z_index, z_coef = [], []
+        for _, b, c in mine:
+            cg, h = cgs[(b, c)], (a + b - c) // 2
+            for ma in range(c + 1):
+                for mb in range(half[c] + 1):
+                    where[(a, b, c, ma, mb)] = n_z
+                    n_z += 1
+                    index, coef = np.zeros(n_a, dtype=np.int64), np.zeros(n_a)
+                    for ma1 in range(n_a):
+                        ma2 = ma + h - ma1
+                        if 0 <= ma2 <= b and cg[ma1, ma2] != 0.0:
+                            index[ma1] = ma1 * n_q + row_of[(b, c, mb, ma2)]
+                            coef[ma1] = cg[ma1, ma2]
+                    z_index.append(index)
+                    z_coef.append(coef)
+        groups.append((a, s_index, s_coef, np.asarray(z_index), np.asarray(z_coef)))
+    # Z sorted by output layer: the entries of one triple are its stored [m, m'] block
+    by_layer = sorted({(c, a, b) for a, b, c in need})
+    order, layers, triple_of = [], [], {}
+    for c in range(twojmax + 1):
+        mine = [(a, b) for cc, a, b in by_layer if cc == c]
+        size = (c + 1) * (half[c] + 1)
+        layers.append((len(order), len(mine), size, int(left_offset[c])))
+        for a, b in mine:
+            triple_of[(a, b, c)] = len(triple_of)
+            order += [where[(a, b, c, ma, mb)] for ma in range(c + 1) for mb in range(half[c] + 1)]
+    order = np.asarray(order)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    # (Z^H)[m, m'] = conj(Z[m', m]); for m > c/2 via the mirror Z[c - m', c - m]
+    dagger_source = np.zeros(len(order), dtype=np.int64)
+    dagger_sign = np.zeros((len(order), 2))
+    for a, b, c in triple_of:
+        for ma in range(c + 1):
+            for mb in range(half[c] + 1):
+                e = rank[where[(a, b, c, ma, mb)]]
+                if ma <= half[c]:
+                    src, sign, conj = (mb, ma), 1.0, True
+                else:  # conj(Z[mb, ma]) = (-1)^(mb - ma) Z[c - mb, c - ma]
+                    src, sign, conj = (c - mb, c - ma), (-1.0) ** (ma - mb), False
+                dagger_source[e] = rank[where[(a, b, c, *src)]]
+                dagger_sign[e] = (sign, -sign if conj else sign)
+    combine = np.zeros((len(triples), len(triple_of)))
+    for k, (j1, j2, j) in enumerate(triples):
+        combine[k, triple_of[(j1, j2, j)]] += 1.0
+        combine[k, triple_of[(j, j2, j1)]] += (j + 1) / (j1 + 1)
+        combine[k, triple_of[(j, j1, j2)]] += (j + 1) / (j2 + 1)
+    fold_weight = np.concatenate(
+        [
+            np.where((2 * np.arange(half[j] + 1) == j)[None, :].repeat(j + 1, 0), 1.0, 2.0).ravel()
+            for j in range(twojmax + 1)
+        ]
+    )
+    return _JacobianTables(
+        groups=tuple(groups),
+        full_offset=tuple(int(v) for v in full_offset),
+        order=order,
+        layers=tuple(layers),
+        dagger_source=dagger_source,
+        dagger_sign=dagger_sign,
+        combine=combine,
+        fold_weight=fold_weight,
+    )
+
+
 def _flag(name: str, value) -> bool:
     if isinstance(value, (bool, np.bool_)) or value in (0, 1):
         return bool(value)
@@ -429,6 +553,52 @@ class _Torch:
             o_u, o_s = o_u + nu, o_s + ns
 
 
+class _TorchJacobian:
+    """The Jacobian tables as tensors of one dtype/device."""
+
+    def __init__(self, tables: _JacobianTables, dtype: torch.dtype, device):
+        def pairs(index):  # element index -> its (Re, Im) columns in the real view
+            index = np.asarray(index)
+            return torch.as_tensor(np.stack([2 * index, 2 * index + 1], -1).ravel(), device=device)
+
+        def real(a):
+            return torch.as_tensor(a, dtype=dtype, device=device)
+
+        self.full_offset = tables.full_offset
+        self.groups = [
+            (a, pairs(s_index), real(s_coef), pairs(z_index), real(z_coef))
+            for a, s_index, s_coef, z_index, z_coef in tables.groups
+        ]
+        self.order = pairs(tables.order)
+        self.layers = tables.layers
+        self.dagger_source = pairs(tables.dagger_source)
+        self.dagger_sign = real(tables.dagger_sign.ravel())
+        self.combine = real(tables.combine)
+        self.fold_weight = real(tables.fold_weight)
+
+
+def _coupled(full: torch.Tensor, jt: _TorchJacobian) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z [X, n_z * 2] (real view, entries sorted by output layer) and its Z^H.
+
+    The stored columns of every Z^c_{ab} the derivative needs (:func:`_jacobian_tables`)
+    and of their Hermitian conjugates, from the expansions ``full`` [X, n_full].
+    """
+    x = full.shape[0]
+    offsets = jt.full_offset
+    z = []
+    # real arithmetic (complex x real products promote) and column gathers of 2D arrays
+    parts = torch.view_as_real(full).reshape(x, -1)
+    for a, s_index, s_coef, z_index, z_coef in jt.groups:
+        n_a = a + 1
+        s = parts.index_select(1, s_index).view(x, *s_coef.shape, 2) * s_coef[..., None]
+        s = torch.view_as_complex(s)  # [X, Q, n_a]
+        u_a = full[:, offsets[a] : offsets[a] + n_a * n_a].view(x, n_a, n_a)
+        w = torch.view_as_real(torch.bmm(u_a, s.transpose(1, 2))).reshape(x, -1)  # [X, 2 n_a Q]
+        z.append((w.index_select(1, z_index).view(x, *z_coef.shape, 2) * z_coef[..., None]).sum(-2))
+    z = torch.cat(z, dim=1).reshape(x, -1).index_select(1, jt.order)
+    return z, z.index_select(1, jt.dagger_source) * jt.dagger_sign
+
+
 def _wigner_left(ca: torch.Tensor, cb: torch.Tensor, layers) -> torch.Tensor:
     """Columns m' <= j/2 of U^j for j = 0..twojmax: [..., n_left] complex.
 
@@ -448,6 +618,38 @@ def _wigner_left(ca: torch.Tensor, cb: torch.Tensor, layers) -> torch.Tensor:
         prev = torch.addcmul(a_terms * ca, b_terms, cb)
         out.append(prev.flatten(-2))
     return torch.cat(out, dim=-1)
+
+
+def _wigner_left_derivative(ca, cb, d_ca, d_cb, layers):
+    """:func:`_wigner_left` and its derivatives [..., D, n_left] along D directions.
+
+    d_ca, d_cb : [..., D] derivatives of conj(a) and conj(b).  The recursion's product
+    rule, layer by layer.
+    """
+    ca, cb = ca[..., None, None], cb[..., None, None]
+    d_ca, d_cb = d_ca[..., None, None], d_cb[..., None, None]  # [..., D, 1, 1]
+    prev = torch.ones(ca.shape, dtype=ca.dtype, device=ca.device)
+    d_prev = torch.zeros(d_ca.shape, dtype=ca.dtype, device=ca.device)
+    out, d_out = [prev.flatten(-2)], [d_prev.flatten(-2)]
+    for coef_a, coef_b, mirror in layers:
+        if mirror is not None:
+            prev = torch.cat([prev, (prev[..., -1].flip(-1).conj() * mirror)[..., None]], dim=-1)
+            col = d_prev[..., -1].flip(-1).conj() * mirror
+            d_prev = torch.cat([d_prev, col[..., None]], dim=-1)
+        zero = torch.zeros_like(prev[..., :1, :])
+        a_terms = torch.cat([prev, zero], dim=-2) * coef_a
+        b_terms = torch.cat([zero, prev], dim=-2) * coef_b
+        d_zero = torch.zeros_like(d_prev[..., :1, :])
+        d_a = torch.cat([d_prev, d_zero], dim=-2) * coef_a
+        d_b = torch.cat([d_zero, d_prev], dim=-2) * coef_b
+        a_terms, b_terms = a_terms[..., None, :, :], b_terms[..., None, :, :]
+        d_prev = (
+            d_a * ca[..., None, :, :] + a_terms * d_ca + d_b * cb[..., None, :, :] + b_terms * d_cb
+        )
+        prev = torch.addcmul(a_terms[..., 0, :, :] * ca, b_terms[..., 0, :, :], cb)
+        out.append(prev.flatten(-2))
+        d_out.append(d_prev.flatten(-2))
+    return torch.cat(out, dim=-1), torch.cat(d_out, dim=-1)
 
 
 class _Gather(torch.autograd.Function):
@@ -572,6 +774,11 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
         pair cutoffs; valid : [...] False for slots that are not pairs.  Pairs outside their
         cutoff get weight 0 and finite, zero gradients.
         """
+        ca, cb, fc = parameters(vec, r, rcut, valid)
+        return _wigner_left(ca, cb, tt.layers), fc
+
+    def parameters(vec, r, rcut, valid):
+        """conj(a), conj(b) and f_c of each pair (see :func:`expansion`)."""
         inside = valid & (r < rcut) & (r > 0)
         r_safe = torch.where(inside, r, 0.5 * rcut)
         unit = vec / r_safe[..., None]
@@ -589,8 +796,7 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
             fc = torch.where(r_safe <= rmin0, torch.ones_like(fc), fc)
         else:
             fc = torch.ones_like(r_safe)
-        fc = torch.where(inside, fc, torch.zeros_like(fc))
-        return _wigner_left(ca, cb, tt.layers), fc
+        return ca, cb, torch.where(inside, fc, torch.zeros_like(fc))
 
     def fn(positions: torch.Tensor) -> torch.Tensor:
         if positions.ndim != 3 or positions.shape[1:] != (n_atoms, 3):
@@ -641,5 +847,98 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
         comps = _contract(full, tt)
         return (comps * scale_t - offset_t).reshape(n_batch, n_atoms, -1)
 
+    def jacobian(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Components [B, N, K] and their analytic Jacobian [B, N, K, N, 3] (clusters).
+
+        The derivative of each component in u (:func:`_derivative_weights`, from the
+        coupled expansions Z, as LAMMPS ``snad/atom`` does it) is contracted with the
+        derivative of every neighbour's term of u; the centre's own column is minus the
+        sum of its neighbours' columns.  About the cost of a few forward passes, against
+        3N for forward differences.  Not differentiable (no graph is kept).
+        """
+        if periodic:
+            raise StructreconError("the analytic bispectrum Jacobian is for clusters only")
+        if positions.ndim != 3 or positions.shape[1:] != (n_atoms, 3):
+            raise ValueError(f"positions must be [B, {n_atoms}, 3], got {tuple(positions.shape)}")
+        # the largest arrays: the terms of Y [N, 3 K n_left] and the neighbour derivatives
+        # [N, N, 3, n_left], complex
+        per_structure = 8 * positions.element_size() * n_atoms * n_atoms * 3 * tables.n_left
+        size = max(1, JACOBIAN_CHUNK_BYTES // per_structure)
+        with torch.no_grad():
+            parts = [jacobian_chunk(p) for p in positions.split(size)]
+        return torch.cat([v for v, _ in parts]), torch.cat([j for _, j in parts])
+
+    def jacobian_chunk(positions: torch.Tensor):
+        dtype, device = positions.dtype, positions.device
+        ctype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        (tt, scale_t, offset_t, w_first, w_second, cut, pi, pj, rad, wt) = constants(dtype, device)
+        key = ("jacobian", dtype, device)
+        if key not in cache:
+            cache[key] = _TorchJacobian(_jacobian_tables(spec.twojmax), dtype, device)
+        jt = cache[key]
+        n_batch, n_left = positions.shape[0], tables.n_left
+        x = n_batch * n_atoms
+        total = torch.zeros((n_atoms, n_batch, n_left), dtype=ctype, device=device)
+        # d u(centre) / d r(neighbour), stored columns [B, centre, neighbour, 3, n_left]
+        deriv = torch.zeros((n_batch, n_atoms * n_atoms, 3, n_left), dtype=ctype, device=device)
+        if n_pairs:
+            by_atom = positions.transpose(0, 1)
+            vec = by_atom.index_select(0, pj) - by_atom.index_select(0, pi)  # [P, B, 3]
+            cut_b = cut[:, None].expand(vec.shape[:2])
+
+            def scalars(v):  # conj(a), conj(b), f_c as one [P, B, 5] real tensor
+                ca, cb, fc = parameters(v, torch.linalg.norm(v, dim=-1), cut_b, True)
+                parts = (ca.real, ca.imag, cb.real, cb.imag, fc)
+                return torch.stack(parts, dim=-1)
+
+            eye = torch.eye(3, dtype=dtype, device=device)
+            par, d_par = torch.func.vmap(
+                lambda t: torch.func.jvp(scalars, (vec,), (t.expand_as(vec),)),
+                out_dims=(None, -1),
+            )(eye)  # [P, B, 5], [P, B, 5, 3]
+            ca = torch.complex(par[..., 0], par[..., 1])
+            cb = torch.complex(par[..., 2], par[..., 3])
+            d_ca = torch.complex(d_par[..., 0, :], d_par[..., 1, :])
+            d_cb = torch.complex(d_par[..., 2, :], d_par[..., 3, :])
+            u, d_u = _wigner_left_derivative(ca, cb, d_ca, d_cb, tt.layers)
+            fc = par[..., 4, None]
+            g = u * fc  # f_c U, [P, B, n_left]; its derivative [B, P, 3, n_left]:
+            d_term = (d_u * fc[..., None] + u[..., None, :] * d_par[..., 4, :, None]).transpose(
+                0, 1
+            )
+            total = total.index_add(0, pi, g * w_second[:, None, None])
+            rev = torch.cat([g, g.conj()], dim=-1).index_select(-1, tt.dagger_index)
+            total = total.index_add(0, pj, rev * tt.dagger_sign * w_first[:, None, None])
+            # centre i < j: d/d r_j of w_j g(r_j - r_i), contracted with Y folded for g;
+            # centre j: d/d r_i of w_i g(r_j - r_i)^H = -w_i (dg)^H, with Y folded for g^H
+            deriv[:, pi * n_atoms + pj] = d_term * w_second[:, None, None]
+            deriv[:, pj * n_atoms + pi] = d_term * -w_first[:, None, None]
+        total = (total.transpose(0, 1) + tt.identity_left).reshape(x, n_left)
+        full = torch.cat([total, total.conj()], dim=-1).index_select(-1, tt.expand_index)
+        full = full * tt.expand_sign
+        values = (_contract(full, tt) * scale_t - offset_t).reshape(n_batch, n_atoms, -1)
+        # dB_k = Re <du, Y_k>, Y_k a combination of Z blocks (see _jacobian_tables); per
+        # output layer c, contract its Z blocks with that layer of the neighbour derivatives
+        z, z_dagger = _coupled(full, jt)
+        d = torch.view_as_real(deriv * jt.fold_weight).reshape(x, n_atoms * 3, n_left, 2)
+        upper = torch.ones(n_atoms, n_atoms, dtype=torch.bool, device=device).triu(1)
+        upper = upper.repeat_interleave(3, dim=1)[None, None]  # [1, 1, centre, neighbour xyz]
+        per_triple = []
+        for first, count, size, left in jt.layers:
+            if not count:
+                continue
+            d_c = d[:, :, left : left + size].reshape(x, n_atoms * 3, 2 * size).transpose(1, 2)
+            cols = slice(2 * first, 2 * (first + count * size))
+            own = z[:, cols].view(x, count, 2 * size) @ d_c  # [X, count, 3 N]
+            rev = z_dagger[:, cols].view(x, count, 2 * size) @ d_c
+            own, rev = own.view(n_batch, n_atoms, count, -1), rev.view(n_batch, n_atoms, count, -1)
+            per_triple.append(torch.where(upper.transpose(1, 2), own, rev))
+        jac = jt.combine @ torch.cat(per_triple, dim=2)  # [B, N, K, 3 N]
+        jac = jac.view(n_batch, n_atoms, -1, n_atoms, 3)
+        centre = torch.arange(n_atoms, device=device)
+        jac[:, centre, :, centre] = -jac.sum(dim=3).permute(1, 0, 2, 3)
+        return values, jac * scale_t[:, None, None]
+
     fn.n_features = spec.n_features
+    fn.jacobian = None if periodic else jacobian
     return fn

@@ -184,12 +184,26 @@ def _fd_jacobian(fn, x: torch.Tensor, *, step: float = 1e-6, chunk: int = 2048) 
     return jac.transpose(1, 2)
 
 
-JACOBIANS = ("autodiff", "fd")
+JACOBIANS = ("auto", "analytic", "autodiff", "fd")
 
 
 def _check_jacobian(value: str) -> None:
     if value not in JACOBIANS:
-        raise StructreconError(f"lm: jacobian must be 'autodiff' or 'fd', got {value!r}")
+        raise StructreconError(f"lm: jacobian must be one of {', '.join(JACOBIANS)}; got {value!r}")
+
+
+def _jacobian_kind(problem: Problem, value: str) -> str:
+    """``value`` with 'auto' resolved: 'analytic' where the fingerprint has it, else 'fd'."""
+    _check_jacobian(value)
+    has = getattr(problem.fn, "jacobian", None) is not None
+    if value == "analytic" and not has:
+        raise StructreconError(
+            "lm: this fingerprint has no analytic Jacobian (bispectrum clusters with linear "
+            "pooling have one); use jacobian='fd' or 'autodiff'"
+        )
+    if value == "auto":
+        return "analytic" if has else "fd"
+    return value
 
 
 def lm_polish(
@@ -208,10 +222,12 @@ def lm_polish(
 
     Each structure keeps its own damping: a step that lowers its squared residual is
     taken and the damping divided by 3, otherwise the damping is multiplied by 4.
-    The Jacobians [B, F, 3N] come from forward-mode autodiff (``jacobian='autodiff'``)
-    or from forward differences in float64 (``'fd'``: 3N more batched forward passes,
+    The Jacobians [B, F, 3N] come from forward-mode autodiff (``jacobian='autodiff'``),
+    from forward differences in float64 (``'fd'``: 3N more batched forward passes,
     several times cheaper than forward mode for the bispectrum; only for fingerprints
-    smooth in the positions, not for max/min pooling).  Gauss-Newton suits the
+    smooth in the positions, not for max/min pooling), or from the fingerprint's own
+    ``fn.jacobian`` (``'analytic'``: the bispectrum of clusters); ``'auto'`` takes the
+    analytic one where there is one, else forward differences.  Gauss-Newton suits the
     piecewise-smooth residuals of max/min pooling far better than L-BFGS (measured on
     Pt10: L-BFGS stalls at fingerprint RMSD ~1e-4 where LM reaches 1e-15).  A structure
     whose squared residual has not fallen below ``progress`` times its value
@@ -228,8 +244,13 @@ def lm_polish(
     def single(p, t):
         return problem.fn(p[None])[0] - t
 
-    _check_jacobian(jacobian)
-    if jacobian == "fd":
+    jacobian = _jacobian_kind(problem, jacobian)
+    if jacobian == "analytic":
+
+        def jac(xs, ts):
+            return problem.fn.jacobian(xs)[1]
+
+    elif jacobian == "fd":
 
         def jac(xs, ts):  # the residual's offset ts does not change its Jacobian
             return _fd_jacobian(problem.fn, xs)
@@ -530,8 +551,10 @@ class LocalLM:
     lets a planar start leave its plane (the role of the noise term of Cobelli eq. 3;
     at an exactly planar start the gradient has no out-of-plane part), and it draws
     the phases of the ring distortions that a symmetric start leaves undecided.  The
-    Jacobians are forward differences (``jacobian='fd'``, several times cheaper than
-    forward mode for the bispectrum) or ``'autodiff'``.  All starts of all targets are
+    Jacobians (``jacobian``) are the fingerprint's analytic one where it has one (the
+    bispectrum of clusters; computed in float32, 1e-6 relative, as accurate as forward
+    differences and 4-7x cheaper than them), else forward differences (``'auto'``), or
+    ``'analytic'``, ``'fd'``, ``'autodiff'``.  All starts of all targets are
     polished as one batch (:func:`lm_polish`, ``steps`` iterations; a trial whose
     residual has not fallen 4x in ``patience`` iterations is dropped); a target whose
     fingerprint RMSD is below the problem's ``tol`` is done, the others hop: new trials around
@@ -545,7 +568,7 @@ class LocalLM:
     hop_noise: float = 0.2
     steps: int = 100
     patience: int = 25
-    jacobian: str = "fd"
+    jacobian: str = "auto"
 
     name = "lm"
 
@@ -569,6 +592,8 @@ class LocalLM:
         best_rmsd = torch.full((t_count,), math.inf, dtype=dtype)
         active = torch.ones(t_count, dtype=torch.bool)
         trials = np.zeros(t_count, dtype=int)
+        kind = _jacobian_kind(problem, self.jacobian)
+        jacobian_dtype = torch.float32 if kind == "analytic" else None
         for hop in range(self.hops):
             idx = torch.nonzero(active).flatten()
             if idx.numel() == 0:
@@ -583,7 +608,8 @@ class LocalLM:
                 problem.targets[idx].repeat_interleave(k, dim=0),
                 steps=self.steps,
                 patience=self.patience,
-                jacobian=self.jacobian,
+                jacobian=kind,
+                jacobian_dtype=jacobian_dtype,
             )
             trials[idx.numpy()] += k
             with torch.no_grad():
