@@ -11,12 +11,16 @@ structure (rattled copies, 0.05 A):
   ``sna/atom`` + ``snad/atom``.
 - ours (``fingerprint_fn``: per-atom bispectra summed per species, [B, 220]): forward
   under no_grad, and forward + backward of a squared-error loss on the fingerprint, for
-  batches of 1 and ``--batch`` structures, float64 and float32.
+  batches of 1 and ``--batch`` structures, float64 and float32; the whole Jacobian
+  [B, 220, 3N] of the fingerprint, analytic (``fn.jacobian``, what the ``lm`` strategy
+  uses), and by forward differences (float64, B = 1; the ``lm`` default before).
 
 The methods alternate within each repetition, so machine load hits all of them alike;
 medians over repetitions are reported.  Ratios are LAMMPS time / our time (> 1: ours
 faster): forward against ``sna/atom``, forward + backward against ``sna/atom`` +
-``snad/atom`` (what one gradient step of the paper's loss needs).
+``snad/atom`` (what one gradient step of the paper's loss needs), and the Jacobian also
+against ``sna/atom`` + ``snad/atom`` (``snad/atom`` is that Jacobian: the derivatives of
+the per-type sums with respect to every atom).
 
     OMP_NUM_THREADS=1 python benchmarks/descriptor_snap.py [--repeat 5] [--batch 100]
 
@@ -40,6 +44,7 @@ from ase import Atoms
 from ase.build import molecule
 
 from structrecon.descriptors import fingerprint_fn, preset
+from structrecon.inversion.strategies import _fd_jacobian
 
 torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
@@ -180,7 +185,15 @@ def main(argv=None):
                     x = pos.clone().requires_grad_(True)
                     ((fn(x) - target) ** 2).sum().backward()
 
-                ours[(str(dtype).split(".")[-1], batch)] = (forward, forward_backward)
+                def jacobian(pos=pos):
+                    fn.jacobian(pos)
+
+                ours[(str(dtype).split(".")[-1], batch)] = (forward, forward_backward, jacobian)
+        x1 = torch.tensor(big[:1])
+
+        def differences():
+            _fd_jacobian(fn, x1)
+
         timings = {}
 
         def record(key, seconds_per_structure):
@@ -200,10 +213,12 @@ def main(argv=None):
                 "lammps sna+snad, new instance per call (paper's code)",
                 timed(lambda: lammps_new_instance(lammps, atoms, desc, big[0]), 3),
             )
-            for (dt, batch), (fwd, fwd_bwd) in ours.items():
+            for (dt, batch), (fwd, fwd_bwd, jac) in ours.items():
                 calls = args.calls if batch == 1 else 1
                 record(f"ours {dt} B={batch} forward", timed(fwd, calls) / batch)
                 record(f"ours {dt} B={batch} forward+backward", timed(fwd_bwd, calls) / batch)
+                record(f"ours {dt} B={batch} Jacobian, analytic", timed(jac, calls) / batch)
+            record("ours float64 B=1 Jacobian, forward differences", timed(differences, 1))
         for inst in (sna_only, snad_only, both):
             inst.close()
         med = {key: float(np.median(v)) for key, v in timings.items()}

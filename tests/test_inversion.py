@@ -242,3 +242,53 @@ def test_forward_difference_jacobian_matches_forward_mode():
             "acsf",
             get_strategy("lm", jacobian="analytic"),
         )
+
+
+def test_rotatable_bonds_and_turns():
+    from structrecon.structures import rotatable_bonds, rotate_about_bond
+
+    a = molecule("CH3CH2OCH3")
+    rotors = rotatable_bonds(a.numbers, a.positions)
+    # C-O (ethyl side moves) and the two methyl rotors, period 120 degrees
+    assert sorted(r.period for r in rotors) == [120.0, 120.0, 360.0]
+    assert [int(r.moving.sum()) for r in rotors] == sorted(
+        (int(r.moving.sum()) for r in rotors), reverse=True
+    )
+    # negative control: ring bonds and bonds to terminal atoms are not rotors
+    assert rotatable_bonds(molecule("C6H6").numbers, molecule("C6H6").positions) == []
+    rotor = rotors[0]
+    x = torch.tensor(a.positions[None])
+    turned = rotate_about_bond(x, rotor, torch.tensor([75.0]))[0].numpy()
+    moved = rotor.moving
+    # rigid within each side; the torsion about the bond changes by the angle
+    for side in (moved, ~moved):
+        d0 = np.linalg.norm(a.positions[side][:, None] - a.positions[side][None], axis=-1)
+        d1 = np.linalg.norm(turned[side][:, None] - turned[side][None], axis=-1)
+        np.testing.assert_allclose(d1, d0, atol=1e-12)
+    p = [int(np.flatnonzero(~moved & (np.arange(len(a)) != rotor.b))[0]), rotor.b, rotor.c]
+    p.append(int(np.flatnonzero(moved & (np.arange(len(a)) != rotor.c))[0]))
+    b = a.copy()
+    b.positions = turned
+    change = (b.get_dihedral(*p) - a.get_dihedral(*p)) % 360.0
+    assert abs(change - 75.0) < 1e-8 or abs(change - 285.0) < 1e-8
+
+
+def test_lm_torsion_sweep_reaches_a_turned_conformer():
+    from structrecon.structures import rotatable_bonds, rotate_about_bond
+
+    a = molecule("CH3CH2OCH3")
+    rotor = rotatable_bonds(a.numbers, a.positions)[0]
+    target = a.copy()
+    x = torch.tensor(a.positions[None])
+    target.positions = rotate_about_bond(x, rotor, torch.tensor([130.0]))[0].numpy()
+    target.rattle(0.02, seed=1)
+    fp = describe("bispectrum-cobelli", [target])[0]
+    rmsd = {}
+    for sweeps in (0, 1):
+        t = Target(name="t", numbers=a.numbers, fingerprint=fp, start=a.positions)
+        (res,) = invert([t], "bispectrum-cobelli", get_strategy("lm", torsions=sweeps, hops=2))
+        rmsd[sweeps] = structure_rmsd(target, res.atoms)
+    assert rmsd[1] < 0.01
+    assert rmsd[0] > 0.3  # negative control: without the sweep LM stays in the start's basin
+    with pytest.raises(StructreconError, match="torsions must be"):
+        get_strategy("lm", torsions=-1)

@@ -24,7 +24,16 @@ import torch
 
 from ._errors import StructreconError
 
-__all__ = ["Geometry", "atoms_groups", "group_key", "lattice_shifts", "neighbour_geometry"]
+__all__ = [
+    "Geometry",
+    "Rotor",
+    "atoms_groups",
+    "group_key",
+    "lattice_shifts",
+    "neighbour_geometry",
+    "rotatable_bonds",
+    "rotate_about_bond",
+]
 
 
 def lattice_shifts(cell: np.ndarray | None, pbc, cutoff: float) -> np.ndarray:
@@ -152,3 +161,76 @@ def group_key(numbers, cell, pbc) -> tuple:
     if cell is not None and any(pbc):
         cell_key = tuple(np.round(np.asarray(cell, dtype=float).ravel(), 8))
     return (tuple(int(z) for z in numbers), cell_key, pbc)
+
+
+@dataclass(frozen=True)
+class Rotor:
+    """A rotatable bond b-c: turning ``moving`` about the axis b -> c changes one torsion.
+
+    ``moving`` is a boolean mask [N] (the smaller side, c's side when equal);
+    ``period`` is 360 / k degrees when c carries k >= 2 identical terminal atoms and nothing
+    else (CH3, NH2, CF3), else 360.
+    """
+
+    b: int
+    c: int
+    moving: np.ndarray
+    period: float
+
+
+def rotatable_bonds(numbers, positions, *, scale: float = 1.2) -> list[Rotor]:
+    """Rotatable bonds of a molecule from atomic numbers and positions only.
+
+    Bonds join atoms closer than ``scale`` times the sum of their covalent radii (ASE's
+    table).  A bond is rotatable when both ends have another neighbour and it is not in a
+    ring (its removal disconnects the molecule).  Largest moving side first.
+    """
+    from ase.data import covalent_radii
+
+    numbers = np.asarray(numbers)
+    x = np.asarray(positions, dtype=float)
+    n = len(numbers)
+    radii = covalent_radii[numbers]
+    dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    bonded = (dist < scale * (radii[:, None] + radii[None])) & ~np.eye(n, dtype=bool)
+    neighbours = [np.flatnonzero(bonded[i]) for i in range(n)]
+    rotors = []
+    for b, c in zip(*np.nonzero(np.triu(bonded))):
+        if len(neighbours[b]) < 2 or len(neighbours[c]) < 2:
+            continue
+        side = np.zeros(n, dtype=bool)  # atoms reached from c without crossing b-c
+        side[c] = True
+        stack = [c]
+        while stack:
+            i = stack.pop()
+            for j in neighbours[i]:
+                if not side[j] and not (i == c and j == b):
+                    side[j] = True
+                    stack.append(j)
+        if side[b]:
+            continue  # in a ring
+        if side.sum() > n - side.sum():
+            b, c, side = c, b, ~side
+        others = [j for j in neighbours[c] if j != b]
+        terminal = all(len(neighbours[j]) == 1 for j in others)
+        same = len({int(numbers[j]) for j in others}) == 1
+        period = 360.0 / len(others) if terminal and same and len(others) >= 2 else 360.0
+        rotors.append(Rotor(int(b), int(c), side, period))
+    return sorted(rotors, key=lambda r: -int(r.moving.sum()))
+
+
+def rotate_about_bond(x: torch.Tensor, rotor: Rotor, degrees: torch.Tensor) -> torch.Tensor:
+    """Positions [B, N, 3] with the rotor's moving side turned by ``degrees`` [B]."""
+    axis = x[:, rotor.c] - x[:, rotor.b]
+    axis = axis / torch.linalg.norm(axis, dim=-1, keepdim=True)
+    theta = torch.deg2rad(degrees.to(x.dtype))[:, None, None]
+    rel = x - x[:, rotor.c : rotor.c + 1]
+    k = axis[:, None, :].expand_as(rel)
+    # Rodrigues: v cos + (k x v) sin + k (k . v)(1 - cos)
+    turned = (
+        rel * torch.cos(theta)
+        + torch.linalg.cross(k, rel) * torch.sin(theta)
+        + k * (k * rel).sum(-1, keepdim=True) * (1 - torch.cos(theta))
+    )
+    mask = torch.as_tensor(rotor.moving, device=x.device)[None, :, None]
+    return torch.where(mask, turned + x[:, rotor.c : rotor.c + 1], x)

@@ -10,6 +10,7 @@ returns an :class:`Outcome`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +20,7 @@ import torch
 from ase.data import covalent_radii
 
 from .._errors import StructreconError
+from ..structures import rotatable_bonds, rotate_about_bond
 from .losses import Repulsion, fingerprint_rmsd, get_loss
 from .milad import MiladReconstruction
 
@@ -560,22 +562,37 @@ class LocalLM:
     fingerprint RMSD is below the problem's ``tol`` is done, the others hop: new trials around
     their best structure with ``hop_noise`` Angstrom of noise, up to ``hops`` times.
     Without start structures the starts are random, which only suits small systems.
+
+    Torsions: a molecule at 500 K turns about its single bonds by more than a local
+    method reaches from the start (LM's basin is about +-30-45 degrees per torsion).
+    Targets still open after the first hop go through ``torsions`` sweeps over the
+    start's rotatable bonds (:func:`structrecon.structures.rotatable_bonds`: found from
+    covalent radii, not in rings, largest moving side first): per bond, every turn by a
+    multiple of ``torsion_step`` degrees within the bond's period (with 0.05 A noise;
+    turns that bring two atoms closer than 0.8 A are dropped) gets 8 LM steps, and the
+    target moves to the best of them; the hops then start there with ``start_noise``.
+    Eight steps separate right turns from wrong ones (measured on aspirin: right ones
+    fall below fingerprint RMSD 1, wrong ones stay above 5).
     """
 
-    trials: int = 4
+    trials: int = 6
     start_noise: float = 0.1
     hops: int = 3
     hop_noise: float = 0.2
     steps: int = 100
     patience: int = 25
     jacobian: str = "auto"
+    torsions: int = 1
+    torsion_step: float = 60.0
 
     name = "lm"
 
     def __post_init__(self):
-        _positive(self, "trials", "hops", "steps", "patience")
+        _positive(self, "trials", "hops", "steps", "patience", "torsion_step")
         if self.start_noise < 0 or self.hop_noise < 0:
             raise StructreconError("lm: start_noise and hop_noise must be >= 0")
+        if self.torsions < 0:
+            raise StructreconError(f"lm: torsions must be >= 0, got {self.torsions}")
         _check_jacobian(self.jacobian)
 
     def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
@@ -594,22 +611,35 @@ class LocalLM:
         trials = np.zeros(t_count, dtype=int)
         kind = _jacobian_kind(problem, self.jacobian)
         jacobian_dtype = torch.float32 if kind == "analytic" else None
+        polish = functools.partial(lm_polish, jacobian=kind, jacobian_dtype=jacobian_dtype)
+        rotors = []
+        if self.torsions and problem.starts is not None and problem.cell is None:
+            rotors = rotatable_bonds(problem.numbers, problem.starts[0].double().numpy())
         for hop in range(self.hops):
             idx = torch.nonzero(active).flatten()
             if idx.numel() == 0:
                 break
-            m = idx.numel()
             sigma = self.start_noise if hop == 0 else self.hop_noise
+            if hop == 1 and rotors:
+                centre[idx] = problem.starts[idx].to(dtype)  # the sweep turns the start's bonds
+                for _ in range(self.torsions):
+                    for rotor in rotors:
+                        trials += self._turn(
+                            problem, rotor, centre, best_x, best_rmsd, active, generator, polish
+                        )
+                idx = torch.nonzero(active).flatten()
+                if idx.numel() == 0:
+                    break
+                sigma = self.start_noise
+            m = idx.numel()
             x = centre[idx].repeat_interleave(k, dim=0)
             noise = sigma * torch.randn(x.shape, generator=generator, dtype=dtype)
-            x, rmsd = lm_polish(
+            x, rmsd = polish(
                 problem,
                 x + noise,
                 problem.targets[idx].repeat_interleave(k, dim=0),
                 steps=self.steps,
                 patience=self.patience,
-                jacobian=kind,
-                jacobian_dtype=jacobian_dtype,
             )
             trials[idx.numpy()] += k
             with torch.no_grad():
@@ -622,6 +652,32 @@ class LocalLM:
                 centre[idx] = best_x[idx]
                 active[idx[best_rmsd[idx] < problem.tol]] = False
         return _final(problem, "mse", best_x, trials, [[] for _ in range(t_count)])
+
+    def _turn(self, problem, rotor, centre, best_x, best_rmsd, active, generator, polish):
+        """One rotor of the torsion sweep for the open targets; trials spent per target."""
+        spent = np.zeros(len(active), dtype=int)
+        idx = torch.nonzero(active).flatten()
+        if idx.numel() == 0:
+            return spent
+        angles = torch.arange(0.0, rotor.period - 1e-6, self.torsion_step, dtype=centre.dtype)
+        m, a = idx.numel(), len(angles)
+        x = rotate_about_bond(centre[idx].repeat_interleave(a, dim=0), rotor, angles.repeat(m))
+        x = x + 0.05 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        dist = torch.cdist(x, x) + 10.0 * torch.eye(x.shape[1], dtype=x.dtype)
+        clash = dist.amin(dim=(1, 2)) < 0.8
+        x, rmsd = polish(problem, x, problem.targets[idx].repeat_interleave(a, dim=0), steps=8)
+        spent[idx.numpy()] = a
+        with torch.no_grad():
+            rmsd = torch.where(clash, math.inf, torch.nan_to_num(rmsd, nan=math.inf)).reshape(m, a)
+            cand_rmsd, which = rmsd.min(dim=1)
+            cand = x.reshape(m, a, *x.shape[1:])[torch.arange(m), which]
+            found = torch.isfinite(cand_rmsd)
+            centre[idx] = torch.where(found[:, None, None], cand, centre[idx])
+            improve = cand_rmsd < best_rmsd[idx]
+            best_rmsd[idx] = torch.where(improve, cand_rmsd, best_rmsd[idx])
+            best_x[idx] = torch.where(improve[:, None, None], cand, best_x[idx])
+            active[idx[best_rmsd[idx] < problem.tol]] = False
+        return spent
 
 
 def _positive(obj, *names):
