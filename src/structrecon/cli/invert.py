@@ -28,6 +28,7 @@ METHOD_OPTIONS = {
     "lr": "lr",
     "iterations": "iterations",
     "rounds": "rounds",
+    "torsions": "torsions",
 }
 
 
@@ -51,6 +52,12 @@ def add_arguments(p):
         "--rounds",
         type=int,
         help="adam-hops: fresh trials x hops for targets still open, up to this many rounds (1)",
+    )
+    p.add_argument(
+        "--torsions",
+        type=int,
+        help="lm: sweeps over the start's rotatable bonds for targets still open after the "
+        "first hop (1; 0: none)",
     )
     p.add_argument(
         "--fit-species",
