@@ -34,6 +34,10 @@ that pairs with u^{j1}; the components are then Re(W conj(u^j)) summed with CG w
 constant matrix.  Index tables are built once per ``twojmax`` in NumPy.  The cost is
 dominated by that contraction, ~40k complex multiply-adds per atom for twojmax = 8, as
 arrays of ~5.5k complex values per atom: float32 positions halve the memory traffic.
+
+For clusters, ``fn.jacobian`` gives the whole Jacobian analytically, as LAMMPS
+``snad/atom`` does (the Z-list route; see :func:`_jacobian_tables`), for Gauss-Newton
+methods that need all of dB/dr at once.
 """
 
 from __future__ import annotations
@@ -850,18 +854,19 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
     def jacobian(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Components [B, N, K] and their analytic Jacobian [B, N, K, N, 3] (clusters).
 
-        The derivative of each component in u (:func:`_derivative_weights`, from the
-        coupled expansions Z, as LAMMPS ``snad/atom`` does it) is contracted with the
+        The derivative of each component in u (from the coupled expansions Z,
+        :func:`_coupled`, as LAMMPS ``snad/atom`` does it) is contracted with the
         derivative of every neighbour's term of u; the centre's own column is minus the
-        sum of its neighbours' columns.  About the cost of a few forward passes, against
-        3N for forward differences.  Not differentiable (no graph is kept).
+        sum of its neighbours' columns.  About the cost of 5-10 forward passes (measured
+        for twojmax 8), against 3N for forward differences.  Not differentiable (no
+        graph is kept).
         """
         if periodic:
             raise StructreconError("the analytic bispectrum Jacobian is for clusters only")
         if positions.ndim != 3 or positions.shape[1:] != (n_atoms, 3):
             raise ValueError(f"positions must be [B, {n_atoms}, 3], got {tuple(positions.shape)}")
-        # the largest arrays: the terms of Y [N, 3 K n_left] and the neighbour derivatives
-        # [N, N, 3, n_left], complex
+        # the largest arrays: the neighbour derivatives [N, N, 3, n_left] complex, and
+        # their real and weighted copies
         per_structure = 8 * positions.element_size() * n_atoms * n_atoms * 3 * tables.n_left
         size = max(1, JACOBIAN_CHUNK_BYTES // per_structure)
         with torch.no_grad():
@@ -909,8 +914,8 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
             total = total.index_add(0, pi, g * w_second[:, None, None])
             rev = torch.cat([g, g.conj()], dim=-1).index_select(-1, tt.dagger_index)
             total = total.index_add(0, pj, rev * tt.dagger_sign * w_first[:, None, None])
-            # centre i < j: d/d r_j of w_j g(r_j - r_i), contracted with Y folded for g;
-            # centre j: d/d r_i of w_i g(r_j - r_i)^H = -w_i (dg)^H, with Y folded for g^H
+            # centre i < j: d/d r_j of w_j g(r_j - r_i), contracted with Z; centre j:
+            # d/d r_i of w_i g(r_j - r_i)^H = -w_i (dg)^H, contracted with Z^H
             deriv[:, pi * n_atoms + pj] = d_term * w_second[:, None, None]
             deriv[:, pj * n_atoms + pi] = d_term * -w_first[:, None, None]
         total = (total.transpose(0, 1) + tt.identity_left).reshape(x, n_left)
