@@ -209,13 +209,10 @@ def fingerprint_fn(spec: FingerprintSpec, numbers, cell=None, pbc=None):
         """Fingerprints [B, F] and their Jacobians [B, F, 3N] (pooling is linear)."""
         values, jac = per_atom.jacobian(positions)  # [B, N, K], [B, N, K, N, 3]
         b, n, k = values.shape
-        jac = jac.reshape(b, n, k, 3 * n).transpose(1, 3)  # [B, 3N, K, N]: pool over atoms
-        pooled = pool(
-            jac.reshape(b * 3 * n, k, n).transpose(1, 2), spec.pooling, numbers, spec.species
-        )
-        return pool(values, spec.pooling, numbers, spec.species), pooled.view(
-            b, 3 * n, -1
-        ).transpose(1, 2)
+        # each of the 3N columns is pooled like a set of per-atom features [N, K]
+        columns = jac.reshape(b, n, k, 3 * n).permute(0, 3, 1, 2).reshape(b * 3 * n, n, k)
+        pooled = pool(columns, spec.pooling, numbers, spec.species).view(b, 3 * n, -1)
+        return pool(values, spec.pooling, numbers, spec.species), pooled.transpose(1, 2)
 
     fn.n_features = spec.n_features
     fn.spec = spec

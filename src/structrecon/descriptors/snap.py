@@ -556,6 +556,16 @@ class _Torch:
             ]
             o_u, o_s = o_u + nu, o_s + ns
 
+    def expand(self, left: torch.Tensor) -> torch.Tensor:
+        """All elements [..., n_full] of the matrices whose stored columns are ``left``."""
+        both = torch.cat([left, left.conj()], dim=-1)
+        return both.index_select(-1, self.expand_index) * self.expand_sign
+
+    def dagger(self, left: torch.Tensor) -> torch.Tensor:
+        """Stored columns [..., n_left] of the Hermitian conjugates of ``left``'s matrices."""
+        both = torch.cat([left, left.conj()], dim=-1)
+        return both.index_select(-1, self.dagger_index) * self.dagger_sign
+
 
 class _TorchJacobian:
     """The Jacobian tables as tensors of one dtype/device."""
@@ -836,8 +846,7 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
                 else:
                     own = total.index_add(0, pi, u * (fc * w_second[:, None])[..., None])
                     rev = total.index_add(0, pj, u * (fc * w_first[:, None])[..., None])
-                rev = torch.cat([rev, rev.conj()], dim=-1).index_select(-1, tt.dagger_index)
-                total = own + rev * tt.dagger_sign  # U(r_i - r_j) = U(r_j - r_i)^H
+                total = own + tt.dagger(rev)  # U(r_i - r_j) = U(r_j - r_i)^H
             total = total.transpose(0, 1)
         else:
             cell_t = torch.as_tensor(cell, dtype=dtype, device=device)
@@ -846,9 +855,7 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
             u, fc = expansion(geo.vectors, geo.distances, rcut, geo.valid, tt)  # [B, N, M, n_left]
             total = (u * (fc * wt[geo.neighbour])[..., None]).sum(2)  # [B, N, n_left]
         total = (total + tt.identity_left).reshape(n_batch * n_atoms, n_left)
-        full = torch.cat([total, total.conj()], dim=-1).index_select(-1, tt.expand_index)
-        full = full * tt.expand_sign  # [B N, n_full]
-        comps = _contract(full, tt)
+        comps = _contract(tt.expand(total), tt)  # from [B N, n_full]
         return (comps * scale_t - offset_t).reshape(n_batch, n_atoms, -1)
 
     def jacobian(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -912,15 +919,13 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
                 0, 1
             )
             total = total.index_add(0, pi, g * w_second[:, None, None])
-            rev = torch.cat([g, g.conj()], dim=-1).index_select(-1, tt.dagger_index)
-            total = total.index_add(0, pj, rev * tt.dagger_sign * w_first[:, None, None])
+            total = total.index_add(0, pj, tt.dagger(g) * w_first[:, None, None])
             # centre i < j: d/d r_j of w_j g(r_j - r_i), contracted with Z; centre j:
             # d/d r_i of w_i g(r_j - r_i)^H = -w_i (dg)^H, contracted with Z^H
             deriv[:, pi * n_atoms + pj] = d_term * w_second[:, None, None]
             deriv[:, pj * n_atoms + pi] = d_term * -w_first[:, None, None]
         total = (total.transpose(0, 1) + tt.identity_left).reshape(x, n_left)
-        full = torch.cat([total, total.conj()], dim=-1).index_select(-1, tt.expand_index)
-        full = full * tt.expand_sign
+        full = tt.expand(total)
         values = (_contract(full, tt) * scale_t - offset_t).reshape(n_batch, n_atoms, -1)
         # dB_k = Re <du, Y_k>, Y_k a combination of Z blocks (see _jacobian_tables); per
         # output layer c, contract its Z blocks with that layer of the neighbour derivatives
