@@ -633,7 +633,6 @@ class LocalLM:
                 if idx.numel() == 0:
                     break
                 sigma = self.start_noise
-            m = idx.numel()
             x = centre[idx].repeat_interleave(k, dim=0)
             noise = sigma * torch.randn(x.shape, generator=generator, dtype=dtype)
             x, rmsd = polish(
@@ -644,15 +643,8 @@ class LocalLM:
                 patience=self.patience,
             )
             trials[idx.numpy()] += k
-            with torch.no_grad():
-                rmsd = torch.nan_to_num(rmsd, nan=math.inf).reshape(m, k)
-                cand_rmsd, which = rmsd.min(dim=1)
-                cand = x.reshape(m, k, *x.shape[1:])[torch.arange(m), which]
-                improve = cand_rmsd < best_rmsd[idx]
-                best_rmsd[idx] = torch.where(improve, cand_rmsd, best_rmsd[idx])
-                best_x[idx] = torch.where(improve[:, None, None], cand, best_x[idx])
-                centre[idx] = best_x[idx]
-                active[idx[best_rmsd[idx] < problem.tol]] = False
+            _take_best(x, rmsd, idx, best_x, best_rmsd, active, problem.tol)
+            centre[idx] = best_x[idx]
         return _final(problem, "mse", best_x, trials, [[] for _ in range(t_count)])
 
     def _turn(self, problem, rotor, centre, best_x, best_rmsd, active, generator, polish):
@@ -669,17 +661,30 @@ class LocalLM:
         clash = dist.amin(dim=(1, 2)) < 0.8
         x, rmsd = polish(problem, x, problem.targets[idx].repeat_interleave(a, dim=0), steps=8)
         spent[idx.numpy()] = a
-        with torch.no_grad():
-            rmsd = torch.where(clash, math.inf, torch.nan_to_num(rmsd, nan=math.inf)).reshape(m, a)
-            cand_rmsd, which = rmsd.min(dim=1)
-            cand = x.reshape(m, a, *x.shape[1:])[torch.arange(m), which]
-            found = torch.isfinite(cand_rmsd)
-            centre[idx] = torch.where(found[:, None, None], cand, centre[idx])
-            improve = cand_rmsd < best_rmsd[idx]
-            best_rmsd[idx] = torch.where(improve, cand_rmsd, best_rmsd[idx])
-            best_x[idx] = torch.where(improve[:, None, None], cand, best_x[idx])
-            active[idx[best_rmsd[idx] < problem.tol]] = False
+        rmsd = torch.where(clash, math.inf, rmsd)
+        cand, cand_rmsd = _take_best(x, rmsd, idx, best_x, best_rmsd, active, problem.tol)
+        found = torch.isfinite(cand_rmsd)
+        centre[idx] = torch.where(found[:, None, None], cand, centre[idx])
         return spent
+
+
+@torch.no_grad()
+def _take_best(x, rmsd, idx, best_x, best_rmsd, active, tol):
+    """Best of each open target's candidates, kept where it beats the target's best so far.
+
+    x [M C, N, 3] and rmsd [M C]: C candidates for each target of idx [M], in order.
+    Updates best_x, best_rmsd and active (targets under ``tol`` are done) in place and
+    returns the candidates [M, N, 3] and their RMSD [M] (inf where none is finite).
+    """
+    m = idx.numel()
+    rmsd = torch.nan_to_num(rmsd, nan=math.inf).reshape(m, -1)
+    cand_rmsd, which = rmsd.min(dim=1)
+    cand = x.reshape(m, rmsd.shape[1], *x.shape[1:])[torch.arange(m), which]
+    improve = cand_rmsd < best_rmsd[idx]
+    best_rmsd[idx] = torch.where(improve, cand_rmsd, best_rmsd[idx])
+    best_x[idx] = torch.where(improve[:, None, None], cand, best_x[idx])
+    active[idx[best_rmsd[idx] < tol]] = False
+    return cand, cand_rmsd
 
 
 def _positive(obj, *names):
