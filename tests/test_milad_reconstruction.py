@@ -10,8 +10,9 @@ from ase import Atoms
 from ase.build import molecule
 
 from structrecon import StructreconError
-from structrecon.descriptors import MiladSpec, describe, preset
+from structrecon.descriptors import FingerprintSpec, MiladSpec, describe, fingerprint_fn, preset
 from structrecon.descriptors.milad import (
+    centre_positions,
     load_invariants,
     moments_from_real,
     moments_to_real,
@@ -26,7 +27,8 @@ from structrecon.inversion import (
     get_strategy,
     invert,
 )
-from structrecon.inversion.milad import _snap_weights
+from structrecon.inversion.milad import _centring, _Run, _snap_weights
+from structrecon.inversion.strategies import Problem
 
 TOL = 1e-6
 
@@ -149,6 +151,62 @@ def test_registered_and_options():
         MiladReconstruction(species="maybe")
     with pytest.raises(StructreconError, match="has no option"):
         get_strategy("milad", lr=0.1)
+    with pytest.raises(StructreconError, match="initial must be one of"):
+        MiladReconstruction(initial="peaks")
+    with pytest.raises(StructreconError, match="order_steps must be positive"):
+        MiladReconstruction(order_steps=0)
+
+
+def one_run(atoms, spec, count, seed=0):
+    """A :class:`_Run` with ``count`` copies of the molecule's fingerprint as targets."""
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers),
+        targets=fp[None].repeat(count, 1),
+        numbers=atoms.numbers,
+        tol=TOL,
+    )
+    return _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(seed))
+
+
+def test_atoms_fitted_order_by_order_reach_the_target():
+    atoms = centred("CH3CH2OCH3")
+    run = one_run(atoms, preset("milad"), 6)
+    rows = torch.arange(6)
+    x, w = run.atoms_by_order(rows)
+    score = run.score(x, w, rows)
+    # all six end exactly at the target here (12 of 12 with twelve starts)
+    hits = torch.nonzero(score < TOL).flatten()
+    assert len(hits) >= 4
+    for i in hits:
+        found = Atoms([1] * len(atoms), positions=x[i].numpy())
+        assert structure_rmsd(one_element(atoms), found) < 0.1
+    # control: the random atoms they start from (same generator state) are far from it
+    run.gen.manual_seed(0)
+    r2 = run.model.mean_square_radius(run.phi)
+    x0 = (
+        torch.randn(6, len(atoms), 3, generator=run.gen, dtype=x.dtype)
+        * (r2 / 3).sqrt()[:, None, None]
+    )
+    assert (run.score(x0, w, rows) > 1e-2).all()
+
+
+def test_recentre_moves_attempts_into_the_fingerprints_frame():
+    atoms = centred("CH3CH2OH")
+    spec = FingerprintSpec(descriptor=MiladSpec(cutoff=5.0, centre="miniball"), pooling="none")
+    import miniball
+
+    centre, _ = miniball.get_bounding_ball(atoms.positions)
+    atoms.positions -= centre  # the target, as the fingerprint sees it
+    run = one_run(atoms, spec, 1)
+    x = torch.tensor(atoms.positions + [0.05, -0.03, 0.02])[None]
+    w = torch.ones(1, len(atoms), dtype=x.dtype)
+    rows = torch.arange(1)
+    # negative control: shifted, the invariants about the origin are off
+    assert run.score(x, w, rows) > 1e-3
+    moved = run.recentre(x)
+    assert torch.allclose(moved, torch.tensor(atoms.positions)[None], atol=1e-9)
+    assert run.score(moved, w, rows) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["NH3", "CH3OH", "CH3CH2OH"])
@@ -352,3 +410,24 @@ def test_species_fingerprints_must_match_the_targets():
             MiladReconstruction(),
             species_spec="milad-species",
         )
+
+
+@pytest.mark.parametrize("centre", ["miniball", "centroid", "origin"])
+def test_centring_jacobian_matches_central_differences(centre, rng):
+    x = torch.tensor(rng.normal(scale=1.5, size=(2, 7, 3)))
+    moved, jac = _centring(x, centre)
+    assert torch.allclose(moved, centre_positions(x, centre))
+    eps = 1e-6
+    for b in range(2):
+        num = torch.zeros(3, 7, 3, dtype=x.dtype)
+        for a in range(7):
+            for d in range(3):
+                xp, xm = x[b].clone(), x[b].clone()
+                xp[a, d] += eps
+                xm[a, d] -= eps
+                cp = xp - centre_positions(xp[None], centre)[0]  # the centre, in every row
+                cm = xm - centre_positions(xm[None], centre)[0]
+                num[:, a, d] = (cp[0] - cm[0]) / (2 * eps)
+        assert torch.allclose(jac[b], num, atol=1e-7)
+    if centre == "miniball":  # only the atoms on the sphere move the centre
+        assert 2 <= int((jac[0].abs().sum(dim=(0, 2)) > 0).sum()) <= 4
