@@ -1100,27 +1100,32 @@ class _Run:
         off along a flat direction; the fingerprint re-centres it (e.g. on its smallest
         bounding sphere), which moves it to another frame and costs up to 1e-4 of RMSD
         (0.06 for a molecule reaching beyond the cutoff, where the moments grow fast).
-        So the second polish fits the atoms as the fingerprint takes them, moved to the
-        spec's centre (with the centre's derivative), and the result is centred.
+        So a second polish, for attempts then within 1e-4, fits the atoms as the
+        fingerprint takes them, moved to the spec's centre (with the centre's
+        derivative), and the result is centred.
         """
         s = self.s
         rmsd = self.score(x, w, tg)
         near = torch.nonzero((rmsd < 1e-2) & (rmsd > 0.1 * self.problem.tol)).flatten()
         if near.numel():
             xn, wn = x[near], w[near]
-            for centre in (None, self.spec.centre):
-                xn, wn, _ = s.fit_atoms(
+            kw = dict(kind="invariants", steps=10 * s.polish_steps, rep=self.rep)
+            kw["patience"] = 10 * s.patience
+            xn, wn, _ = s.fit_atoms(self.model, xn, wn, self.phi[tg[near]], **kw)
+            # in the fingerprint's frame: those close enough (in the moments' frame) for
+            # the frame to matter
+            close = torch.nonzero(self.score(xn, wn, tg[near]) < 1e-4).flatten()
+            xn = self.recentre(xn)
+            if close.numel():
+                xc, wc, _ = s.fit_atoms(
                     self.model,
-                    xn,
-                    wn,
-                    self.phi[tg[near]],
-                    kind="invariants",
-                    steps=10 * s.polish_steps,
-                    rep=self.rep,
-                    patience=10 * s.patience,
-                    centre=centre,
+                    xn[close],
+                    wn[close],
+                    self.phi[tg[near[close]]],
+                    centre=self.spec.centre,
+                    **kw,
                 )
-                xn = self.recentre(xn)
+                xn[close], wn[close] = self.recentre(xc), wc
             better = self.score(xn, wn, tg[near]) < rmsd[near]
             x[near[better]], w[near[better]] = xn[better], wn[better]
         return x, w
