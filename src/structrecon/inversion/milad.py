@@ -554,7 +554,8 @@ def _centring(x: torch.Tensor, centre: str):
 
     Returns the moved atoms and dc/dx [B, 3, N, 3].  ``miniball``: the circumcentre of
     the atoms on the smallest enclosing sphere (as :func:`centre_positions`), whose
-    derivative involves those atoms only; ``centroid``: the mean; ``origin``: no move.
+    derivative involves those atoms only (a structure whose centre cannot be found is
+    not moved); ``centroid``: the mean; ``origin``: no move.
     """
     b, n, _ = x.shape
     jac = x.new_zeros(b, 3, n, 3)
@@ -563,14 +564,21 @@ def _centring(x: torch.Tensor, centre: str):
     if centre == "centroid":
         jac[:] = torch.eye(3, dtype=x.dtype)[None, :, None, :] / n
         return x - x.mean(dim=1, keepdim=True), jac
-    moved = centre_positions(x, centre)
     import miniball
 
-    for i in range(b):
-        c, r2 = miniball.get_bounding_ball(x[i].double().numpy())
-        dist2 = ((x[i].double().numpy() - c) ** 2).sum(-1)
-        support = torch.as_tensor(np.flatnonzero(dist2 >= r2 * (1 - 1e-9) - 1e-12))
-        jac[i][:, support] = torch.func.jacrev(_circumcentre)(x[i, support])
+    moved = x.clone()
+    for i in range(b):  # one at a time: a degenerate structure stays where it is
+        try:
+            c, r2 = miniball.get_bounding_ball(x[i].double().numpy())
+            dist2 = ((x[i].double().numpy() - c) ** 2).sum(-1)
+            support = torch.as_tensor(np.flatnonzero(dist2 >= r2 * (1 - 1e-9) - 1e-12))
+            centre_i = _circumcentre(x[i, support])
+            jac_i = torch.func.jacrev(_circumcentre)(x[i, support])
+        except (ArithmeticError, ValueError, RuntimeError, np.linalg.LinAlgError):
+            continue
+        if torch.isfinite(centre_i).all() and torch.isfinite(jac_i).all():
+            moved[i] = x[i] - centre_i
+            jac[i][:, support] = jac_i
     return moved, jac
 
 
