@@ -441,6 +441,16 @@ def _circumcentre(points: torch.Tensor) -> torch.Tensor:
     return points[0] + torch.linalg.pinv(a) @ d
 
 
+def miniball_support(pos: torch.Tensor) -> torch.Tensor:
+    """Indices of the atoms pos [N, 3] on their smallest enclosing sphere (``miniball``)."""
+    import miniball
+
+    x = pos.detach().double().cpu().numpy()
+    c, r2 = miniball.get_bounding_ball(x)
+    dist2 = ((x - c) ** 2).sum(-1)
+    return torch.as_tensor(np.flatnonzero(dist2 >= r2 * (1 - 1e-9) - 1e-12), device=pos.device)
+
+
 def centre_positions(positions: torch.Tensor, centre: str = "centroid") -> torch.Tensor:
     """Translate each structure so that its centre is the origin: [B, N, 3] -> [B, N, 3].
 
@@ -457,18 +467,12 @@ def centre_positions(positions: torch.Tensor, centre: str = "centroid") -> torch
         return positions
     if centre == "miniball":
         try:
-            import miniball
+            import miniball  # noqa: F401 - a clear error here if it is missing
         except ImportError:  # pragma: no cover - optional dependency
             raise StructreconError(
                 "MILAD centre 'miniball' needs the miniball package (pip install miniball)"
             ) from None
-        centres = []
-        for pos in positions:
-            x = pos.detach().double().cpu().numpy()
-            c, r2 = miniball.get_bounding_ball(x)
-            dist2 = ((x - c) ** 2).sum(-1)
-            support = np.flatnonzero(dist2 >= r2 * (1 - 1e-9) - 1e-12)
-            centres.append(_circumcentre(pos[torch.as_tensor(support, device=pos.device)]))
+        centres = [_circumcentre(pos[miniball_support(pos)]) for pos in positions]
         return positions - torch.stack(centres)[:, None, :]
     raise StructreconError(f"unknown MILAD centre '{centre}'; valid: {', '.join(CENTRES)}")
 

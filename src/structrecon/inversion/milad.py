@@ -53,8 +53,8 @@ from ..descriptors._zernike import (
 from ..descriptors.milad import (
     MiladSpec,
     _circumcentre,
-    centre_positions,
     load_invariants,
+    miniball_support,
     moments_from_real,
     moments_to_real,
     zernike_basis,
@@ -549,13 +549,14 @@ def _repulsion(rep: Repulsion, x: torch.Tensor, pairs):
     return e.sum(-1, keepdim=True), grad[:, None]
 
 
-def _centring(x: torch.Tensor, centre: str):
+def _centring(x: torch.Tensor, centre: str, *, with_jac: bool = True):
     """Atoms x [B, N, 3] moved to a MILAD centre, and the centre's Jacobian.
 
     Returns the moved atoms and dc/dx [B, 3, N, 3].  ``miniball``: the circumcentre of
     the atoms on the smallest enclosing sphere (as :func:`centre_positions`), whose
     derivative involves those atoms only (a structure whose centre cannot be found is
-    not moved); ``centroid``: the mean; ``origin``: no move.
+    not moved); ``centroid``: the mean; ``origin``: no move.  Without ``with_jac`` the
+    Jacobian comes back as zeros.
     """
     b, n, _ = x.shape
     jac = x.new_zeros(b, 3, n, 3)
@@ -564,21 +565,18 @@ def _centring(x: torch.Tensor, centre: str):
     if centre == "centroid":
         jac[:] = torch.eye(3, dtype=x.dtype)[None, :, None, :] / n
         return x - x.mean(dim=1, keepdim=True), jac
-    import miniball
-
     moved = x.clone()
     for i in range(b):  # one at a time: a degenerate structure stays where it is
         try:
-            c, r2 = miniball.get_bounding_ball(x[i].double().numpy())
-            dist2 = ((x[i].double().numpy() - c) ** 2).sum(-1)
-            support = torch.as_tensor(np.flatnonzero(dist2 >= r2 * (1 - 1e-9) - 1e-12))
+            support = miniball_support(x[i])
             centre_i = _circumcentre(x[i, support])
-            jac_i = torch.func.jacrev(_circumcentre)(x[i, support])
+            jac_i = torch.func.jacrev(_circumcentre)(x[i, support]) if with_jac else None
         except (ArithmeticError, ValueError, RuntimeError, np.linalg.LinAlgError):
             continue
-        if torch.isfinite(centre_i).all() and torch.isfinite(jac_i).all():
+        if torch.isfinite(centre_i).all() and (jac_i is None or torch.isfinite(jac_i).all()):
             moved[i] = x[i] - centre_i
-            jac[i][:, support] = jac_i
+            if with_jac:
+                jac[i][:, support] = jac_i
     return moved, jac
 
 
@@ -1117,8 +1115,12 @@ class _Run:
         near = torch.nonzero((rmsd < 1e-2) & (rmsd > 0.1 * self.problem.tol)).flatten()
         if near.numel():
             xn, wn = x[near], w[near]
-            kw = dict(kind="invariants", steps=10 * s.polish_steps, rep=self.rep)
-            kw["patience"] = 10 * s.patience
+            kw = dict(
+                kind="invariants",
+                steps=10 * s.polish_steps,
+                patience=10 * s.patience,
+                rep=self.rep,
+            )
             xn, wn, _ = s.fit_atoms(self.model, xn, wn, self.phi[tg[near]], **kw)
             # in the fingerprint's frame: those close enough (in the moments' frame) for
             # the frame to matter
@@ -1143,15 +1145,7 @@ class _Run:
 
         An attempt whose centring fails (e.g. a degenerate one) stays as it is.
         """
-        out = x.clone()
-        for i in range(x.shape[0]):
-            try:
-                moved = centre_positions(x[i : i + 1], self.spec.centre)[0]
-            except (ArithmeticError, ValueError, RuntimeError, np.linalg.LinAlgError):
-                continue
-            if torch.isfinite(moved).all():
-                out[i] = moved
-        return out
+        return _centring(x, self.spec.centre, with_jac=False)[0]
 
     def prony_rest(self, y, x, w, keep):
         """Keep atoms ``keep`` ([L, k] or [k]) of x, w; the others by Prony on the rest.
