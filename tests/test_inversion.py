@@ -292,3 +292,91 @@ def test_lm_torsion_sweep_reaches_a_turned_conformer():
     assert rmsd[0] > 0.3  # negative control: without the sweep LM stays in the start's basin
     with pytest.raises(StructreconError, match="torsions must be"):
         get_strategy("lm", torsions=-1)
+
+
+def _pair_invariant(numbers, x):
+    """A smooth invariant of a molecule: Gaussian pair sums per species pair and width."""
+    r = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    i, j = np.triu_indices(len(x), 1)
+    out = []
+    for a, b in ((6, 6), (1, 6), (1, 1)):
+        pairs = np.sort(np.stack([numbers[i], numbers[j]]), axis=0)
+        mask = (pairs[0] == a) & (pairs[1] == b)
+        out += [np.exp(-((r[i, j][mask] / s) ** 2)).sum() for s in (1.0, 1.5, 2.5)]
+    return np.array(out)
+
+
+def test_point_group_orders_and_operations():
+    from scipy.spatial.transform import Rotation
+
+    from structrecon.structures import point_group
+
+    for name, order in (("CH4", 24), ("H2O", 4), ("NH3", 6), ("C6H6", 24)):
+        a = molecule(name)
+        moved = a.positions @ Rotation.random(random_state=1).as_matrix().T + [1.0, -2.0, 0.5]
+        group = point_group(a.numbers, moved)
+        assert group.order == order, name
+        x = group.positions
+        for rot, perm in zip(group.rotations, group.perms):
+            np.testing.assert_allclose(x @ rot.T, x[perm], atol=1e-10)
+            assert (a.numbers[perm] == a.numbers).all()
+    # negative control: a rattled benzene has only the identity
+    a = molecule("C6H6")
+    a.rattle(0.1, seed=2)
+    assert point_group(a.numbers, a.positions).order == 1
+    assert len(point_group(a.numbers, a.positions).images(a.positions)) == 0
+
+
+def test_partial_symmetry_images_keep_an_invariant_to_second_order():
+    from structrecon.structures import point_group
+
+    a = molecule("C6H6")
+    group = point_group(a.numbers, a.positions)
+    assert [int(round(np.trace(p))) for p in group.components()].count(8) == 2
+    direction = np.random.default_rng(3).normal(size=a.positions.shape)
+    # no rigid part: images(x) aligns x on the group's frame, so the moves are pure distortion
+    x0 = group.positions
+    rigid = [np.ones_like(x0) * e for e in np.eye(3)] + [np.cross(e, x0) for e in np.eye(3)]
+    q, _ = np.linalg.qr(np.stack([r.ravel() for r in rigid], axis=1))
+    direction = (direction.ravel() - q @ (q.T @ direction.ravel())).reshape(x0.shape)
+    change, control = [], []
+    for eps in (0.04, 0.02):
+        x = group.positions + eps * direction
+        images = group.images(x)
+        assert len(images) == 43  # distinct partial images, whole images excluded
+        f0 = _pair_invariant(a.numbers, x)
+        moves = images - x
+        change.append(max(np.abs(_pair_invariant(a.numbers, y) - f0).max() for y in images))
+        # negative control: moves of the same sizes in random directions
+        rng = np.random.default_rng(4)
+        ctl = []
+        for m in moves:
+            step = rng.normal(size=m.shape)
+            ctl.append(
+                np.abs(
+                    _pair_invariant(a.numbers, x + step * np.linalg.norm(m) / np.linalg.norm(step))
+                    - f0
+                ).max()
+            )
+        control.append(max(ctl))
+        assert change[-1] < 0.1 * control[-1]
+    # halving the distortion: third order for the images (8x), first for the control (2x)
+    assert change[0] / change[1] > 5.0
+    assert control[0] / control[1] < 3.0
+
+
+def test_lm_symmetry_sweep_leaves_a_phase_minimum_of_benzene():
+    a = molecule("C6H6")
+    target = a.copy()
+    target.positions += np.random.default_rng(1).normal(scale=0.08, size=a.positions.shape)
+    fp = describe("bispectrum-cobelli", [target])[0]
+    rmsd = {}
+    for sweeps in (0, 1):
+        t = Target(name="t", numbers=a.numbers, fingerprint=fp, start=a.positions)
+        strategy = get_strategy("lm", trials=2, hops=1, symmetry=sweeps)
+        (res,) = invert([t], "bispectrum-cobelli", strategy, seed=0)
+        rmsd[sweeps] = structure_rmsd(target, res.atoms)
+    assert rmsd[1] < 1e-3
+    assert rmsd[0] > 0.05  # negative control: without the sweep LM stops in a wrong phase
+    with pytest.raises(StructreconError, match="symmetry must be"):
+        get_strategy("lm", symmetry=-1)

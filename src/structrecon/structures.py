@@ -26,11 +26,13 @@ from ._errors import StructreconError
 
 __all__ = [
     "Geometry",
+    "PointGroup",
     "Rotor",
     "atoms_groups",
     "group_key",
     "lattice_shifts",
     "neighbour_geometry",
+    "point_group",
     "rotatable_bonds",
     "rotate_about_bond",
 ]
@@ -234,3 +236,149 @@ def rotate_about_bond(x: torch.Tensor, rotor: Rotor, degrees: torch.Tensor) -> t
     )
     mask = torch.as_tensor(rotor.moving, device=x.device)[None, :, None]
     return torch.where(mask, turned + x[:, rotor.c : rotor.c + 1], x)
+
+
+# ----------------------------------------------------------------------------
+# Point groups of molecules and the symmetry images of a distortion
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointGroup:
+    """The symmetry operations of a (nearly) symmetric molecule about its centroid.
+
+    ``rotations[g] @ positions[i] == positions[perms[g, i]]`` for every operation g
+    (proper and improper; the identity included), with ``positions`` the molecule
+    symmetrised and centred.  An operation acts on a distortion d of the molecule,
+    x = positions + d, by ``(g d)[perms[g, i]] = rotations[g] @ d[i]``: x and
+    positions + g d are images of each other, so any invariant fingerprint of the two
+    is the same.
+    """
+
+    rotations: np.ndarray  # [G, 3, 3]
+    perms: np.ndarray  # [G, N]
+    positions: np.ndarray  # [N, 3]
+
+    @property
+    def order(self) -> int:
+        """Number of operations."""
+        return len(self.rotations)
+
+    def actions(self) -> np.ndarray:
+        """The operations as matrices [G, 3N, 3N] on flattened distortions."""
+        g, n = self.perms.shape
+        d = np.zeros((g, n, 3, n, 3))
+        for k in range(g):
+            d[k, self.perms[k], :, np.arange(n), :] = self.rotations[k]
+        return d.reshape(g, 3 * n, 3 * n)
+
+    def components(self, *, seed: int = 0) -> list[np.ndarray]:
+        """Projectors [3N, 3N] onto the isotypic components the group moves.
+
+        The distortions of a symmetric molecule split into isotypic components, one
+        per irreducible representation of the group.  Found without character
+        tables: the group average of a random symmetric matrix has the irreducible
+        subspaces as eigenspaces, and their characters sort them into components.
+        The totally symmetric component, which every operation fixes, is left out.
+        """
+        acts = self.actions()
+        m = np.random.default_rng(seed).standard_normal(acts.shape[1:])
+        mean = np.einsum("gab,bc,gdc->ad", acts, m + m.T, acts) / self.order
+        w, v = np.linalg.eigh(mean)
+        gaps = np.flatnonzero(np.diff(w) > 1e-6 * max(1.0, np.abs(w).max())) + 1
+        kinds: dict[tuple, list[np.ndarray]] = {}
+        for block in np.split(v, gaps, axis=1):
+            chi = np.einsum("ai,gab,bi->g", block, acts, block) / block.shape[1]
+            kinds.setdefault(tuple(np.round(chi, 3)), []).append(block)
+        out = []
+        for chi, blocks in kinds.items():
+            if not np.allclose(chi, 1.0):
+                basis = np.concatenate(blocks, axis=1)
+                out.append(basis @ basis.T)
+        return out
+
+    def images(self, x: np.ndarray, *, min_change: float = 1e-3) -> np.ndarray:
+        """Partial symmetry images [C, N, 3] of a structure x [N, 3] near the molecule.
+
+        x is aligned on ``positions`` (rotation only) and its distortion d split
+        into isotypic components; each image applies one operation to one component
+        and leaves the others.  Distortions of a symmetric molecule are pinned by an
+        invariant fingerprint only up to such moves at second order (the amplitude
+        of each component, not its phase or sign), so a local optimiser can stop in
+        the wrong one.  Images that are whole images of x, or x itself, are dropped,
+        as are duplicates (within ``min_change`` Angstrom).
+        """
+        y = np.asarray(x, dtype=float) - np.mean(x, axis=0)
+        u, _, vt = np.linalg.svd(y.T @ self.positions)
+        if np.linalg.det(u @ vt) < 0:
+            u[:, -1] *= -1
+        d = (y @ (u @ vt) - self.positions).reshape(-1)
+        acts = self.actions()
+        seen = list(acts @ d)  # x and its whole images
+        out = []
+        for proj in self.components():
+            part = proj @ d
+            for act in acts:
+                c = d + act @ part - part
+                if all(np.abs(c - s).max() > min_change for s in seen):
+                    seen.append(c)
+                    out.append(c)
+        n = len(self.positions)
+        return self.positions + np.reshape(out, (len(out), n, 3))
+
+
+def _frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Orthonormal frame (columns) from a and the part of b orthogonal to it."""
+    e1 = a / np.linalg.norm(a)
+    e2 = b - (b @ e1) * e1
+    e2 = e2 / np.linalg.norm(e2)
+    return np.stack([e1, e2, np.cross(e1, e2)], axis=1)
+
+
+def point_group(numbers, positions, *, tol: float = 0.02) -> PointGroup:
+    """Point group of a molecule: every orthogonal map that permutes like atoms.
+
+    Operations are found by mapping a frame of two atoms (the one furthest from the
+    centroid and the one furthest off its axis) onto every pair of like atoms at the
+    same distances, proper and improper, and keeping the maps that send every atom
+    within ``tol`` Angstrom of a like atom, one to one.  The molecule is then
+    symmetrised (averaged over the group) and the rotations refitted to it, so the
+    operations hold to rounding.  Linear molecules and single atoms, whose groups are
+    continuous, get the identity only.
+    """
+    numbers = np.asarray(numbers)
+    x = np.asarray(positions, dtype=float)
+    x = x - x.mean(axis=0)
+    n = len(x)
+    r = np.linalg.norm(x, axis=1)
+    a = int(np.argmax(r))
+    off = np.linalg.norm(np.cross(x, x[a]), axis=1)
+    b = int(np.argmax(off))
+    if r[a] < tol or off[b] < tol * r[a]:
+        return PointGroup(np.eye(3)[None], np.arange(n)[None], x)
+    frame = _frame(x[a], x[b])
+    d_ab = np.linalg.norm(x[a] - x[b])
+    like = numbers[:, None] == numbers[None]
+    found = {}
+    for a2 in np.flatnonzero((numbers == numbers[a]) & (np.abs(r - r[a]) < tol)):
+        for b2 in np.flatnonzero((numbers == numbers[b]) & (np.abs(r - r[b]) < tol)):
+            if a2 == b2 or abs(np.linalg.norm(x[a2] - x[b2]) - d_ab) > tol:
+                continue
+            image = _frame(x[a2], x[b2])
+            for sign in (1.0, -1.0):
+                rot = image @ np.diag([1.0, 1.0, sign]) @ frame.T
+                dist = np.linalg.norm((x @ rot.T)[:, None] - x[None], axis=-1)
+                dist[~like] = np.inf
+                perm = dist.argmin(axis=1)
+                if dist[np.arange(n), perm].max() < tol and len(set(perm)) == n:
+                    found[(*perm, sign * np.linalg.det(frame) * np.linalg.det(image))] = (rot, perm)
+    rots = np.stack([v[0] for v in found.values()])
+    perms = np.stack([v[1] for v in found.values()])
+    for _ in range(5):  # symmetrise, refit the rotations (keeping proper / improper)
+        x = np.mean([x[p] @ rot for rot, p in zip(rots, perms)], axis=0)
+        for k, p in enumerate(perms):
+            u, _, vt = np.linalg.svd(x[p].T @ x)
+            if np.linalg.det(u @ vt) * np.linalg.det(rots[k]) < 0:
+                u[:, -1] *= -1
+            rots[k] = u @ vt
+    return PointGroup(rots, perms, x)

@@ -20,7 +20,7 @@ import torch
 from ase.data import covalent_radii
 
 from .._errors import StructreconError
-from ..structures import rotatable_bonds, rotate_about_bond
+from ..structures import point_group, rotatable_bonds, rotate_about_bond
 from .losses import Repulsion, fingerprint_rmsd, get_loss
 from .milad import MiladReconstruction
 
@@ -575,6 +575,16 @@ class LocalLM:
     target moves to the best of them; the hops then start there with ``start_noise``.
     Eight steps separate right turns from wrong ones (measured on aspirin: right ones
     fall below fingerprint RMSD 1, wrong ones stay above 5).
+
+    Symmetric starts: around a symmetric molecule (benzene, naphthalene) an invariant
+    fingerprint pins each symmetry component of the distortion only up to its phase or
+    sign at second order, and LM can stop in a wrong one.  Targets still open after
+    the hops go through up to ``symmetry`` sweeps over the partial symmetry images of
+    their best structure (:meth:`structrecon.structures.PointGroup.images`: one
+    operation of the start's point group applied to one component; 43 images for
+    benzene, 7 for naphthalene, none for molecules with a single non-trivial
+    component or none).  Each image gets 8 LM steps, the best three a full polish;
+    a sweep that improves nothing ends the target's sweeps.
     """
 
     trials: int = 6
@@ -586,6 +596,7 @@ class LocalLM:
     jacobian: str = "auto"
     torsions: int = 1
     torsion_step: float = 60.0
+    symmetry: int = 2
 
     name = "lm"
 
@@ -593,8 +604,9 @@ class LocalLM:
         _positive(self, "trials", "hops", "steps", "patience", "torsion_step")
         if self.start_noise < 0 or self.hop_noise < 0:
             raise StructreconError("lm: start_noise and hop_noise must be >= 0")
-        if self.torsions < 0:
-            raise StructreconError(f"lm: torsions must be >= 0, got {self.torsions}")
+        for name in ("torsions", "symmetry"):
+            if getattr(self, name) < 0:
+                raise StructreconError(f"lm: {name} must be >= 0, got {getattr(self, name)}")
         _check_jacobian(self.jacobian)
 
     def run(self, problem: Problem, generator: torch.Generator) -> Outcome:
@@ -645,7 +657,56 @@ class LocalLM:
             trials[idx.numpy()] += k
             _take_best(x, rmsd, idx, best_x, best_rmsd, active, problem.tol)
             centre[idx] = best_x[idx]
+        if self.symmetry and problem.starts is not None and problem.cell is None:
+            trials += self._symmetry_sweeps(problem, best_x, best_rmsd, active, polish)
         return _final(problem, "mse", best_x, trials, [[] for _ in range(t_count)])
+
+    def _symmetry_sweeps(self, problem, best_x, best_rmsd, active, polish, keep=3):
+        """Sweeps over the partial symmetry images of the open targets; trials per target."""
+        spent = np.zeros(len(active), dtype=int)
+        groups = {}  # start bytes -> PointGroup
+        sweeping = active.clone()
+        for _ in range(self.symmetry):
+            images, owners = [], []
+            for t in torch.nonzero(sweeping).flatten().tolist():
+                start = problem.starts[t].double().numpy()
+                key = start.tobytes()
+                if key not in groups:
+                    groups[key] = point_group(problem.numbers, start)
+                cand = groups[key].images(best_x[t].double().numpy())
+                if len(cand) == 0:
+                    sweeping[t] = False
+                    continue
+                images.append(torch.as_tensor(cand, dtype=best_x.dtype))
+                owners += [t] * len(cand)
+            if not images:
+                break
+            owners = torch.as_tensor(owners)
+            x, rmsd = polish(problem, torch.cat(images), problem.targets[owners], steps=8)
+            rmsd = torch.nan_to_num(rmsd, nan=math.inf)
+            idx = torch.unique(owners)
+            pick = torch.cat(
+                [
+                    torch.nonzero(owners == t).flatten()[rmsd[owners == t].argsort()[:keep]]
+                    for t in idx
+                ]
+            )
+            spent[owners.numpy()] += 1
+            x, rmsd = polish(
+                problem,
+                x[pick],
+                problem.targets[owners[pick]],
+                steps=self.steps,
+                patience=self.patience,
+            )
+            before = best_rmsd.clone()
+            for t in idx.tolist():  # targets have up to ``keep`` finalists each
+                mine = owners[pick] == t
+                _take_best(
+                    x[mine], rmsd[mine], torch.tensor([t]), best_x, best_rmsd, active, problem.tol
+                )
+            sweeping &= active & (best_rmsd < before)
+        return spent
 
     def _turn(self, problem, rotor, centre, best_x, best_rmsd, active, generator, polish):
         """One rotor of the torsion sweep for the open targets; trials spent per target."""
