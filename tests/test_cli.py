@@ -207,7 +207,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_help_documents_every_command():
-    for cmd in ["describe", "invert", "compare", "demo"]:
+    for cmd in ["describe", "invert", "compare", "demo", "train", "generate", "screen", "validate"]:
         code, out, _ = run_cli(cmd, "--help")
         assert code == 0 and "usage: structrecon " + cmd in out
 

@@ -400,3 +400,72 @@ def test_cli_errors(tmp_path, capsys):
         _fails(
             ["validate", str(ase_file), "--calculator", "gfn2", "--target", "2"], capsys, "tblite"
         )
+
+
+def test_screen_keeps_what_the_surrogate_and_the_fingerprint_rmsd_allow(tmp_path, capsys):
+    import ase.io
+
+    from structrecon.data import relaxed_clusters
+    from structrecon.descriptors import describe
+
+    sur = train(synthetic(60), SurrogateSpec(n_features=380, epochs=3), seed=0, progress=False)
+    sur.save(tmp_path / "sur")
+    frames = relaxed_clusters(6, n_atoms=10, seed=1)
+    pred = sur.predict(describe("acsf-fung", frames))
+    for k, atoms in enumerate(frames):
+        atoms.info.update(name=f"s{k}", fingerprint_rmsd=[1e-3, 0.2][k % 2])
+    far = frames[5]
+    far.positions[0] += [50.0, 0.0, 0.0]  # out of every other atom's 20 A cutoff
+    rec = tmp_path / "rec.extxyz"
+    ase.io.write(rec, frames)
+    target, window = float(np.median(pred[:5])), float(np.ptp(pred[:5])) / 4
+    expect = {f"s{k}" for k in range(5) if abs(pred[k] - target) <= window}
+    assert 0 < len(expect) < 5  # the screen has something to keep and something to flag
+    argv = ["screen", str(rec), "--surrogate", str(tmp_path / "sur"), "--target", str(target)]
+    kept = tmp_path / "kept.extxyz"
+    assert main([*argv, "--window", str(window), "-o", str(kept)]) == 0
+    out = capsys.readouterr().out
+    assert "beyond the 20 A cutoff" in out.splitlines()[5]
+    names = {a.info["name"] for a in ase.io.read(kept, ":")}
+    assert names == expect
+    for atoms in ase.io.read(kept, ":"):
+        k = int(atoms.info["name"][1:])
+        assert abs(atoms.info["predicted_p"] - pred[k]) < 1e-6
+    # both screens: the odd frames' reconstructions stayed at fingerprint RMSD 0.2
+    assert (
+        main(
+            [
+                *argv,
+                "--window",
+                str(window),
+                "--max-fp-rmsd",
+                "0.01",
+                "-o",
+                str(kept),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert {a.info["name"] for a in ase.io.read(kept, ":")} == {
+        n for n in expect if int(n[1:]) % 2 == 0
+    }
+    capsys.readouterr()
+    # errors: one line, non-zero, the kept file untouched
+    before = kept.read_text()
+    _fails(["screen", str(rec)], capsys, "nothing to screen by")
+    _fails(argv[:4], capsys, "--surrogate needs --target")
+    _fails([*argv, "-o", str(kept)], capsys, "exists; pass --overwrite")
+    _fails([*argv, "--window", "0"], capsys, "--window must be positive")
+    pair = frames[0][:2]
+    pair.info = {}
+    ase.io.write(tmp_path / "h2.extxyz", pair)
+    _fails(
+        ["screen", str(tmp_path / "h2.extxyz"), "--max-fp-rmsd", "1"], capsys, "no fingerprint_rmsd"
+    )
+    _fails(
+        ["screen", str(tmp_path / "h2.extxyz"), *argv[2:]],
+        capsys,
+        "not the surrogate's composition",
+    )
+    assert kept.read_text() == before

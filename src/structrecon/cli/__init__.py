@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "describe, invert and compare a small built-in example",
     "train": "train a conditional VAE or a surrogate model on fingerprints",
     "generate": "generate fingerprints for a target property with a trained cVAE",
+    "screen": "flag reconstructed structures by fingerprint RMSD or a surrogate's prediction",
     "validate": "formation energy per atom of structures with a real calculator",
 }
 
