@@ -696,7 +696,7 @@ class LocalLM:
                     for t in idx
                 ]
             )
-            spent[owners.numpy()] += 1
+            np.add.at(spent, owners.numpy(), 1)  # one trial per image
             x, rmsd = polish(
                 problem,
                 x[pick],
