@@ -29,6 +29,7 @@ METHOD_OPTIONS = {
     "iterations": "iterations",
     "rounds": "rounds",
     "torsions": "torsions",
+    "symmetry": "symmetry",
 }
 
 
@@ -56,8 +57,13 @@ def add_arguments(p):
     p.add_argument(
         "--torsions",
         type=int,
-        help="lm: sweeps over the start's rotatable bonds for targets still open after the "
-        "first hop (1; 0: none)",
+        help="lm: sweeps over the start's rotatable bonds before the first LM round (1; 0: none)",
+    )
+    p.add_argument(
+        "--symmetry",
+        type=int,
+        help="lm: sweeps over partial symmetry images of the start's point group for targets "
+        "still open after the hops (2; 0: none)",
     )
     p.add_argument(
         "--fit-species",
