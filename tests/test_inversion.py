@@ -332,7 +332,7 @@ def test_partial_symmetry_images_keep_an_invariant_to_second_order():
 
     a = molecule("C6H6")
     group = point_group(a.numbers, a.positions)
-    assert [int(round(np.trace(p))) for p in group.components()].count(8) == 2
+    assert [int(round(np.trace(p))) for p in group.components].count(8) == 2
     direction = np.random.default_rng(3).normal(size=a.positions.shape)
     # no rigid part: images(x) aligns x on the group's frame, so the moves are pure distortion
     x0 = group.positions

@@ -31,6 +31,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import wasserstein_distance
 
 from structrecon._errors import StructreconError
+from structrecon.structures import kabsch as _kabsch
 
 __all__ = [
     "Alignment",
@@ -123,15 +124,6 @@ def _species_indices(numbers: np.ndarray) -> dict[int, np.ndarray]:
 # ----------------------------------------------------------------------------
 # Non-periodic alignment
 # ----------------------------------------------------------------------------
-
-
-def _kabsch(x: np.ndarray, y: np.ndarray, allow_reflection: bool) -> np.ndarray:
-    """Orthogonal ``R`` minimising ``sum_i |x_i - R y_i|^2`` for centred ``[N, 3]`` arrays."""
-    u, _, vt = np.linalg.svd(y.T @ x)
-    rotation = vt.T @ u.T
-    if not allow_reflection and np.linalg.det(rotation) < 0.0:
-        rotation = vt.T @ np.diag([1.0, 1.0, -1.0]) @ u.T
-    return rotation
 
 
 def _assign(

@@ -15,6 +15,7 @@ only depends on the cell and the cutoff.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "Rotor",
     "atoms_groups",
     "group_key",
+    "kabsch",
     "lattice_shifts",
     "neighbour_geometry",
     "point_group",
@@ -264,6 +266,7 @@ class PointGroup:
         """Number of operations."""
         return len(self.rotations)
 
+    @functools.cached_property
     def actions(self) -> np.ndarray:
         """The operations as matrices [G, 3N, 3N] on flattened distortions."""
         g, n = self.perms.shape
@@ -272,7 +275,8 @@ class PointGroup:
             d[k, self.perms[k], :, np.arange(n), :] = self.rotations[k]
         return d.reshape(g, 3 * n, 3 * n)
 
-    def components(self, *, seed: int = 0) -> list[np.ndarray]:
+    @functools.cached_property
+    def components(self) -> list[np.ndarray]:
         """Projectors [3N, 3N] onto the isotypic components the group moves.
 
         The distortions of a symmetric molecule split into isotypic components, one
@@ -281,8 +285,8 @@ class PointGroup:
         subspaces as eigenspaces, and their characters sort them into components.
         The totally symmetric component, which every operation fixes, is left out.
         """
-        acts = self.actions()
-        m = np.random.default_rng(seed).standard_normal(acts.shape[1:])
+        acts = self.actions
+        m = np.random.default_rng(0).standard_normal(acts.shape[1:])
         mean = np.einsum("gab,bc,gdc->ad", acts, m + m.T, acts) / self.order
         w, v = np.linalg.eigh(mean)
         gaps = np.flatnonzero(np.diff(w) > 1e-6 * max(1.0, np.abs(w).max())) + 1
@@ -309,14 +313,12 @@ class PointGroup:
         as are duplicates (within ``min_change`` Angstrom).
         """
         y = np.asarray(x, dtype=float) - np.mean(x, axis=0)
-        u, _, vt = np.linalg.svd(y.T @ self.positions)
-        if np.linalg.det(u @ vt) < 0:
-            u[:, -1] *= -1
-        d = (y @ (u @ vt) - self.positions).reshape(-1)
-        acts = self.actions()
+        rotation = kabsch(self.positions, y, allow_reflection=False)
+        d = (y @ rotation.T - self.positions).reshape(-1)
+        acts = self.actions
         seen = list(acts @ d)  # x and its whole images
         out = []
-        for proj in self.components():
+        for proj in self.components:
             part = proj @ d
             for act in acts:
                 c = d + act @ part - part
@@ -325,6 +327,15 @@ class PointGroup:
                     out.append(c)
         n = len(self.positions)
         return self.positions + np.reshape(out, (len(out), n, 3))
+
+
+def kabsch(x: np.ndarray, y: np.ndarray, allow_reflection: bool) -> np.ndarray:
+    """Orthogonal ``R`` minimising ``sum_i |x_i - R y_i|^2`` for centred ``[N, 3]`` arrays."""
+    u, _, vt = np.linalg.svd(y.T @ x)
+    rotation = vt.T @ u.T
+    if not allow_reflection and np.linalg.det(rotation) < 0.0:
+        rotation = vt.T @ np.diag([1.0, 1.0, -1.0]) @ u.T
+    return rotation
 
 
 def _frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
