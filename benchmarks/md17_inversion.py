@@ -104,7 +104,7 @@ def lammps_iteration_seconds(atoms, iterations: int, fresh: bool) -> float:
     """Seconds per iteration of a LAMMPS-driven loop (bispectrum + derivatives + step).
 
     ``fresh``: a new LAMMPS instance per iteration, as the paper's code does; otherwise
-    one persistent instance (the best case for LAMMPS).
+    one persistent instance (the best case for LAMMPS).  Median over ``iterations``.
     """
     from descriptor_snap import Lammps, lammps_new_instance, load_lammps
 
@@ -115,12 +115,15 @@ def lammps_iteration_seconds(atoms, iterations: int, fresh: bool) -> float:
     rng = np.random.default_rng(0)
     pos = atoms.positions.copy()
     inst = None if fresh else Lammps(lammps, atoms, desc, ["sna", "snad"])
-    t0 = time.perf_counter()
+    times = []
     for _ in range(iterations):
+        t0 = time.perf_counter()
         out = lammps_new_instance(lammps, atoms, desc, pos) if fresh else inst(pos)
         grad = out[1][:, :3].sum(axis=1, keepdims=True)  # stand-in for the loss gradient
         pos = pos - 1e-8 * grad + 1e-4 * (rng.random(pos.shape) - 0.5)
-    seconds = (time.perf_counter() - t0) / iterations
+        times.append(time.perf_counter() - t0)
+    # the median: single iterations of a fresh instance vary with the machine's load
+    seconds = float(np.median(times))
     if inst is not None:
         inst.close()
     return seconds

@@ -68,6 +68,29 @@ def test_lm_polish_converges_where_lbfgs_stalls():
     assert (r_lm < 0.1 * r_lbfgs).all()
 
 
+def test_lm_polish_done_below_stops_the_whole_group():
+    frames, targets = pt_targets(2, 8, seed=3)
+    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
+    fps = torch.tensor(np.stack([t.fingerprint for t in targets]))
+    prob = Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
+    g = torch.Generator().manual_seed(0)
+    exact = torch.tensor(np.stack([a.positions for a in frames]))
+    x0 = exact.repeat_interleave(2, dim=0)  # two trials per target
+    x0 = x0 + 0.03 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x0[0] = exact[0]  # target 0's first trial starts at its answer
+    both = fps.repeat_interleave(2, dim=0)
+    groups = torch.tensor([0, 0, 1, 1])
+    x, r = lm_polish(prob, x0, both, steps=40, done_below=1e-6, groups=groups)
+    # target 0 is done at once: its second trial is never moved
+    torch.testing.assert_close(x[1], x0[1], rtol=0, atol=0)
+    assert r[0] < 1e-6 and r[1] > 1e-4
+    # target 1 runs until one of its trials is done
+    assert r[2:].min() < 1e-6 and not torch.equal(x[2], x0[2])
+    # control: without groups the second trial of target 0 is polished as before
+    x, r = lm_polish(prob, x0, both, steps=40, done_below=1e-6)
+    assert not torch.equal(x[1], x0[1]) and r[1] < 1e-6
+
+
 def test_lbfgs_polish_never_worsens(rng):
     frames, targets = pt_targets(1, 5, seed=4)
     fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
@@ -380,3 +403,5 @@ def test_lm_symmetry_sweep_leaves_a_phase_minimum_of_benzene():
     assert rmsd[0] > 0.05  # negative control: without the sweep LM stops in a wrong phase
     with pytest.raises(StructreconError, match="symmetry must be"):
         get_strategy("lm", symmetry=-1)
+    with pytest.raises(StructreconError, match="symmetry_hop must be"):
+        get_strategy("lm", symmetry_hop=-1)

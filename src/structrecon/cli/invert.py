@@ -30,6 +30,7 @@ METHOD_OPTIONS = {
     "rounds": "rounds",
     "torsions": "torsions",
     "symmetry": "symmetry",
+    "symmetry_hop": "symmetry_hop",
 }
 
 
@@ -64,6 +65,13 @@ def add_arguments(p):
         type=int,
         help="lm: sweeps over partial symmetry images of the start's point group for targets "
         "still open after the hops (2; 0: none)",
+    )
+    p.add_argument(
+        "--symmetry-hop",
+        type=int,
+        metavar="H",
+        help="lm: sweep all open targets before LM round H only (default: before the second "
+        "round those whose sweep costs less than a round, and all open targets after the hops)",
     )
     p.add_argument(
         "--fit-species",
