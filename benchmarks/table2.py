@@ -4,7 +4,9 @@ Pipeline, each step the command a user would run:
 
 1. ``python -m structrecon.data.pt_dataset``: random Pt10 starts relaxed with EMT,
    every 5th BFGS frame and the minima kept, key ``e_form``; a furthest-point subset.
-2. ``structrecon train cvae`` on the subset (property ``e_form``).
+2. ``structrecon train cvae`` on the subset (property ``e_form``), and
+   ``structrecon train surrogate`` on the same subset or, with ``--surrogate-subset``,
+   on a larger furthest-point subset of the same data.
 3. per target (25th/50th/75th percentile of the subset's ``e_form`` unless given):
    ``structrecon generate`` -> ``structrecon invert`` -> formation energy with EMT (the
    calculator that labelled the data), as ``structrecon validate`` computes it.
@@ -41,7 +43,12 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--relaxations", type=int, default=150)
-    p.add_argument("--subset", type=int, default=300)
+    p.add_argument("--subset", type=int, default=300, help="cVAE training subset (300)")
+    p.add_argument(
+        "--surrogate-subset",
+        type=int,
+        help="furthest-point subset the surrogate trains on (default: the cVAE's subset)",
+    )
     p.add_argument("--samples", type=int, default=20, help="generated samples per target")
     p.add_argument("--targets", type=float, nargs="*", help="eV/atom (default: quartiles)")
     p.add_argument("--epochs", type=int, default=2000)
@@ -66,7 +73,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from structrecon.cli import main as cli
-    from structrecon.data.pt_dataset import formation_energies
+    from structrecon.data.pt_dataset import formation_energies, subset_database
     from structrecon.data.pt_dataset import main as build
 
     out = Path(args.out)
@@ -80,12 +87,13 @@ def main(argv=None):
                 str(db),
                 "-n",
                 str(args.relaxations),
-                "--subset",
-                str(args.subset),
                 "--seed",
                 str(args.seed),
             ]
         )
+    for k in sorted({args.subset, args.surrogate_subset or args.subset}):
+        if not (out / f"pt_fps{k}.db").exists():  # furthest-point subsets of the data
+            subset_database(str(db), str(out / f"pt_fps{k}.db"), k, seed=args.seed)
     subset = out / f"pt_fps{args.subset}.db"
     with ase.db.connect(str(subset)) as con:
         e_form = np.array([r.key_value_pairs["e_form"] for r in con.select()])
@@ -114,12 +122,13 @@ def main(argv=None):
         ]
     )
     surrogate = out / "surrogate"
+    surrogate_data = out / f"pt_fps{args.surrogate_subset or args.subset}.db"
     cli(
         [
             "train",
             "surrogate",
             "--data",
-            str(subset),
+            str(surrogate_data),
             "--property",
             "e_form",
             "-o",
