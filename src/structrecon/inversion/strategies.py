@@ -780,16 +780,18 @@ class LocalLM:
         x = rotate_about_bond(centre[idx].repeat_interleave(a, dim=0), rotor, angles.repeat(m))
         x = x + 0.05 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
         dist = torch.cdist(x, x) + 10.0 * torch.eye(x.shape[1], dtype=x.dtype)
-        clash = dist.amin(dim=(1, 2)) < 0.8
-        x, rmsd = polish(
-            problem,
-            x,
-            problem.targets[idx].repeat_interleave(a, dim=0),
-            steps=8,
-            groups=idx.repeat_interleave(a),
-        )
+        fine = dist.amin(dim=(1, 2)) >= 0.8  # turns that clash are dropped unpolished
+        rmsd = torch.full((x.shape[0],), math.inf, dtype=x.dtype)
+        if fine.any():
+            x = x.clone()
+            x[fine], rmsd[fine] = polish(
+                problem,
+                x[fine],
+                problem.targets[idx].repeat_interleave(a, dim=0)[fine],
+                steps=8,
+                groups=idx.repeat_interleave(a)[fine],
+            )
         spent[idx.numpy()] = a
-        rmsd = torch.where(clash, math.inf, rmsd)
         cand, cand_rmsd = _take_best(x, rmsd, idx, best_x, best_rmsd, active, problem.tol)
         found = torch.isfinite(cand_rmsd)
         centre[idx] = torch.where(found[:, None, None], cand, centre[idx])
