@@ -32,6 +32,15 @@ def pt_targets(n_clusters, n_atoms, seed=0):
     return frames, targets
 
 
+def pt_problem(n_clusters, n_atoms, seed):
+    """Positions [B, N, 3], fingerprints [B, F] and the acsf-fung Problem of EMT Pt clusters."""
+    frames, targets = pt_targets(n_clusters, n_atoms, seed=seed)
+    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
+    fps = torch.tensor(np.stack([t.fingerprint for t in targets]))
+    exact = torch.tensor(np.stack([a.positions for a in frames]))
+    return exact, fps, Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
+
+
 def test_adam_hops_recovers_small_pt_clusters():
     frames, targets = pt_targets(2, 6, seed=5)
     results = invert(targets, "acsf-fung", AdamHops(trials=6, hops=3, steps=100), seed=1)
@@ -55,13 +64,9 @@ def test_seed_makes_runs_reproducible():
 
 
 def test_lm_polish_converges_where_lbfgs_stalls():
-    frames, targets = pt_targets(2, 8, seed=3)
-    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
-    fps = torch.tensor(np.stack([t.fingerprint for t in targets]))
-    prob = Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
+    exact, fps, prob = pt_problem(2, 8, seed=3)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.tensor(np.stack([a.positions for a in frames]))
-    x0 = x0 + 0.03 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x0 = exact + 0.03 * torch.randn(exact.shape, generator=g, dtype=torch.float64)
     _, r_lm = lm_polish(prob, x0, fps, steps=40)
     _, r_lbfgs = lbfgs_polish(prob, x0, fps, steps=100)
     assert (r_lm < 1e-5).all()
@@ -69,12 +74,8 @@ def test_lm_polish_converges_where_lbfgs_stalls():
 
 
 def test_lm_polish_done_below_stops_the_whole_group():
-    frames, targets = pt_targets(2, 8, seed=3)
-    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
-    fps = torch.tensor(np.stack([t.fingerprint for t in targets]))
-    prob = Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
+    exact, fps, prob = pt_problem(2, 8, seed=3)
     g = torch.Generator().manual_seed(0)
-    exact = torch.tensor(np.stack([a.positions for a in frames]))
     x0 = exact.repeat_interleave(2, dim=0)  # two trials per target
     x0 = x0 + 0.03 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
     x0[0] = exact[0]  # target 0's first trial starts at its answer
@@ -92,13 +93,10 @@ def test_lm_polish_done_below_stops_the_whole_group():
 
 
 def test_lbfgs_polish_never_worsens(rng):
-    frames, targets = pt_targets(1, 5, seed=4)
-    fn = fingerprint_fn(preset("acsf-fung"), frames[0].numbers)
-    fps = torch.tensor(targets[0].fingerprint[None])
-    prob = Problem(fn=fn, targets=fps, numbers=frames[0].numbers)
-    x0 = torch.tensor(frames[0].positions[None] + rng.normal(size=(1, 5, 3)) * 0.05)
+    exact, fps, prob = pt_problem(1, 5, seed=4)
+    x0 = exact + torch.tensor(rng.normal(size=(1, 5, 3)) * 0.05)
     with torch.no_grad():
-        r0 = ((fn(x0) - fps) ** 2).mean().sqrt()
+        r0 = ((prob.fn(x0) - fps) ** 2).mean().sqrt()
     _, r1 = lbfgs_polish(prob, x0, fps, steps=30)
     assert r1[0] < r0
 
