@@ -326,6 +326,9 @@ def test_analytic_jacobian_matches_autodiff(twojmax, rng):
     x = torch.tensor(atoms.positions[None] + rng.normal(scale=0.1, size=(3, len(atoms), 3)))
     values, jac = fn.jacobian(x)
     torch.testing.assert_close(values, fn(x), rtol=1e-12, atol=1e-12)
+    skipped, same = fn.jacobian(x, values=False)
+    assert skipped is None
+    torch.testing.assert_close(same, jac, rtol=0, atol=0)
     for b in range(3):
         ref = torch.autograd.functional.jacobian(lambda p: fn(p[None])[0], x[b])
         torch.testing.assert_close(jac[b], ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))

@@ -205,14 +205,19 @@ def fingerprint_fn(spec: FingerprintSpec, numbers, cell=None, pbc=None):
     def fn(positions: torch.Tensor) -> torch.Tensor:
         return pool(per_atom(positions), spec.pooling, numbers, spec.species)
 
-    def jacobian(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fingerprints [B, F] and their Jacobians [B, F, 3N] (pooling is linear)."""
-        values, jac = per_atom.jacobian(positions)  # [B, N, K], [B, N, K, N, 3]
-        b, n, k = values.shape
+    def jacobian(positions: torch.Tensor, values: bool = True):
+        """Fingerprints [B, F] and their Jacobians [B, F, 3N] (pooling is linear).
+
+        With ``values=False`` the fingerprints are not computed (None in their place).
+        """
+        values, jac = per_atom.jacobian(positions, values)  # [B, N, K], [B, N, K, N, 3]
+        b, n, k = jac.shape[:3]
         # each of the 3N columns is pooled like a set of per-atom features [N, K]
         columns = jac.reshape(b, n, k, 3 * n).permute(0, 3, 1, 2).reshape(b * 3 * n, n, k)
         pooled = pool(columns, spec.pooling, numbers, spec.species).view(b, 3 * n, -1)
-        return pool(values, spec.pooling, numbers, spec.species), pooled.transpose(1, 2)
+        if values is not None:
+            values = pool(values, spec.pooling, numbers, spec.species)
+        return values, pooled.transpose(1, 2)
 
     fn.n_features = spec.n_features
     fn.spec = spec
