@@ -92,6 +92,35 @@ def test_lm_polish_done_below_stops_the_whole_group():
     assert not torch.equal(x[1], x0[1]) and r[1] < 1e-6
 
 
+def test_lm_polish_fast_above_explores_in_float32_and_finishes_in_float64():
+    # ethanol, summed bispectrum, analytic float32 Jacobian: far steps are evaluated in
+    # float32, near ones in float64, so the polish still ends at float64 precision
+    atoms = molecule("CH3CH2OH")
+    fn = fingerprint_fn(preset("bispectrum-cobelli"), atoms.numbers)
+    exact = torch.tensor(atoms.positions[None])
+    target = fn(exact).detach()
+    g = torch.Generator().manual_seed(1)
+    x0 = exact + 0.05 * torch.randn(exact.shape, generator=g, dtype=torch.float64)
+    seen = []
+
+    def counting(positions):
+        seen.append(positions.dtype)
+        return fn(positions)
+
+    counting.jacobian = fn.jacobian
+    prob = Problem(fn=counting, targets=target, numbers=atoms.numbers)
+    kw = dict(steps=30, jacobian="analytic", jacobian_dtype=torch.float32)
+    _, r = lm_polish(prob, x0, target, fast_above=1e-2, **kw)
+    assert torch.float32 in seen and torch.float64 in seen[1:]
+    assert r[0] < 1e-9  # float32 alone stops at its rounding, ~1e-5 here
+    rounding = (fn(exact.float()).double() - target).square().mean().sqrt()
+    assert 1e-7 < rounding < 1e-3
+    # control: without fast_above every trial step is in float64
+    seen.clear()
+    _, r_ref = lm_polish(prob, x0, target, **kw)
+    assert set(seen) == {torch.float64} and r_ref[0] < 1e-9
+
+
 def test_lbfgs_polish_never_worsens(rng):
     exact, fps, prob = pt_problem(1, 5, seed=4)
     x0 = exact + torch.tensor(rng.normal(size=(1, 5, 3)) * 0.05)
