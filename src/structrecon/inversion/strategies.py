@@ -592,7 +592,10 @@ class LocalLM:
     Jacobians (``jacobian``) are the fingerprint's analytic one where it has one (the
     bispectrum of clusters; computed in float32, 1e-6 relative, as accurate as forward
     differences and 11-14x cheaper than them), else forward differences (``'auto'``), or
-    ``'analytic'``, ``'fd'``, ``'autodiff'``.  All starts of all targets are
+    ``'analytic'``, ``'fd'``, ``'autodiff'``.  With a float32 Jacobian, trial steps are
+    evaluated in float32 too while a structure's fingerprint RMSD is above 1000 times
+    the float32 rounding of the fingerprint (measured once at the start structures;
+    :func:`lm_polish` ``fast_above``).  All starts of all targets are
     polished as one batch (:func:`lm_polish`, ``steps`` iterations; a trial whose
     residual has not fallen 4x in ``patience`` iterations is dropped); a target whose
     fingerprint RMSD is below the problem's ``tol`` is done, the others hop: new trials around
