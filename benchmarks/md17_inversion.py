@@ -100,11 +100,12 @@ def run_method(name, relaxed, frames, strategy, seed):
     )
 
 
-def lammps_iteration_seconds(atoms, iterations: int, fresh: bool) -> float:
-    """Seconds per iteration of a LAMMPS-driven loop (bispectrum + derivatives + step).
+def lammps_iteration_seconds(atoms, iterations: int, fresh: bool) -> np.ndarray:
+    """Seconds of each iteration of a LAMMPS-driven loop (bispectrum + derivatives + step).
 
     ``fresh``: a new LAMMPS instance per iteration, as the paper's code does; otherwise
-    one persistent instance (the best case for LAMMPS).  Median over ``iterations``.
+    one persistent instance (the best case for LAMMPS).  Two untimed iterations first:
+    the first instance of a process loads the library (52 ms against ~10 ms on benzene).
     """
     from descriptor_snap import Lammps, lammps_new_instance, load_lammps
 
@@ -116,17 +117,16 @@ def lammps_iteration_seconds(atoms, iterations: int, fresh: bool) -> float:
     pos = atoms.positions.copy()
     inst = None if fresh else Lammps(lammps, atoms, desc, ["sna", "snad"])
     times = []
-    for _ in range(iterations):
+    for k in range(iterations + 2):
         t0 = time.perf_counter()
         out = lammps_new_instance(lammps, atoms, desc, pos) if fresh else inst(pos)
         grad = out[1][:, :3].sum(axis=1, keepdims=True)  # stand-in for the loss gradient
         pos = pos - 1e-8 * grad + 1e-4 * (rng.random(pos.shape) - 0.5)
-        times.append(time.perf_counter() - t0)
-    # the median: single iterations of a fresh instance vary with the machine's load
-    seconds = float(np.median(times))
+        if k >= 2:
+            times.append(time.perf_counter() - t0)
     if inst is not None:
         inst.close()
-    return seconds
+    return np.asarray(times)
 
 
 def main(argv=None):
@@ -164,6 +164,12 @@ def main(argv=None):
     for name in args.molecules:
         relaxed, frames = md_frames(name, n_frames=args.frames, progress=False)
         row = {"atoms": len(relaxed)}
+        # LAMMPS is timed half before and half after the inversions, so that its time
+        # sees the same load (on a shared machine a fresh instance took 9-19 ms on benzene)
+        half = args.lammps_iterations // 2
+        lammps_times = {
+            fresh: [lammps_iteration_seconds(relaxed, half, fresh)] for fresh in (True, False)
+        }
         recon, row["lm"] = run_method(name, relaxed, frames, LocalLM(**lm_options), args.seed)
         plot_distributions(
             frames, recon, out_dir / name.replace(" ", "_"), starts=[relaxed] * len(frames)
@@ -183,7 +189,14 @@ def main(argv=None):
             row["relaxed_planarity"] = planarity(relaxed)
         for fresh in (True, False):
             key = "lammps_fresh_s_per_iter" if fresh else "lammps_persistent_s_per_iter"
-            row[key] = lammps_iteration_seconds(relaxed, args.lammps_iterations, fresh)
+            rest = args.lammps_iterations - half
+            lammps_times[fresh].append(lammps_iteration_seconds(relaxed, rest, fresh))
+            before, after = lammps_times[fresh]
+            # the median: single iterations of a fresh instance vary with the load
+            row[key] = float(np.median(np.concatenate([before, after])))
+            row[key + "_before_after"] = [
+                float(np.median(t)) if len(t) else None for t in (before, after)
+            ]
         row["speedup_vs_5e4_lammps_fresh"] = (
             5e4 * row["lammps_fresh_s_per_iter"] / row["lm"]["seconds_per_frame"]
         )
