@@ -27,7 +27,7 @@ from structrecon.inversion import (
     get_strategy,
     invert,
 )
-from structrecon.inversion.milad import _centring, _Run, _snap_weights
+from structrecon.inversion.milad import _centring, _pair_moves, _Run, _snap_weights
 from structrecon.inversion.strategies import Problem
 
 TOL = 1e-6
@@ -278,6 +278,64 @@ def test_discrete_weight_search_restores_snapped_noisy_weights():
     assert int((start != truth).sum()) == 4  # negative control: four atoms start wrong
     found = _Run.discrete_weights(SimpleNamespace(allowed=allowed), model, x, start, phi)
     assert torch.equal(found, truth)
+
+
+def test_pair_moves_are_every_weight_preserving_change_of_two_atoms():
+    allowed = torch.tensor([1.1, 1.3, 1.5, 1.7, 1.9], dtype=torch.float64)
+    w = torch.tensor([1.1, 1.3, 1.3, 1.7, 1.9], dtype=torch.float64)
+    n = len(w)
+    ia, ib = torch.triu_indices(n, n, offset=1)
+    got = _pair_moves(w, ia, ib, allowed)
+    # brute force over all assignments that differ from w in exactly two atoms
+    want = set()
+    for i in range(n):
+        for j in range(i + 1, n):
+            for a in allowed.tolist():
+                for b in allowed.tolist():
+                    if a != w[i] and b != w[j] and abs(a + b - w[i] - w[j]) < 1e-9:
+                        c = w.clone()
+                        c[i], c[j] = a, b
+                        want.add(tuple(round(v, 9) for v in c.tolist()))
+    found = [tuple(round(v, 9) for v in c.tolist()) for c in got]
+    assert len(found) == len(set(found)) == len(want)
+    assert set(found) == want
+
+
+@pytest.mark.parametrize("walk", [8, 0])
+def test_species_walk_corrects_elements_the_positions_adapted_to(walk):
+    atoms = centred("CH3CONH2")
+    spec = preset("milad-species")
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers),
+        targets=fp[None],
+        numbers=atoms.numbers,
+        tol=TOL,
+    )
+    strategy = MiladReconstruction(species="fit", species_walk=walk)
+    run = _Run(strategy, problem, torch.Generator().manual_seed(0))
+    truth = torch.tensor(spec.descriptor.weights_for(atoms.numbers))[None]
+    # two wrong elements, weight kept (a carbon made hydrogen, the oxygen made nitrogen:
+    # 1.3 + 1.5 = 1.1 + 1.7), and the positions fitted to them
+    wrong = truth.clone()
+    carbon = int(np.nonzero(atoms.numbers == 6)[0][0])
+    oxygen = int(np.nonzero(atoms.numbers == 8)[0][0])
+    wrong[0, carbon], wrong[0, oxygen] = 1.1, 1.7
+    rows = torch.zeros(1, dtype=torch.long)
+    x, _ = run.refit(torch.tensor(atoms.positions)[None], wrong, rows, 300)
+    before = run.score(x, wrong, rows)
+    assert 1e-6 < before < 1e-2  # a near miss, within the walk's reach
+    # no single step is needed: the wrong elements at the positions fitted to them
+    # look better than the right ones there
+    assert run.score(x, truth, rows) > before
+    x2, w2 = run.species_search(x.clone(), wrong.clone(), rows)
+    if walk:
+        assert torch.equal(w2, truth)
+        # the walk's short refits leave the rest to the polish that follows
+        _, after = run.refit(x2, w2, rows, 300)
+        assert after < 1e-10
+    else:  # control: without the walk nothing changes
+        assert torch.equal(w2, wrong)
 
 
 def test_known_composition_with_species_weights_orders_the_atoms():
