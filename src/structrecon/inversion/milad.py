@@ -68,7 +68,6 @@ if TYPE_CHECKING:  # strategies imports this module
 __all__ = ["MiladReconstruction", "MiladModel", "batched_lm"]
 
 SPECIES_MODES = ("given", "fit")
-
 INITIAL_MODES = ("auto", "orders", "random")
 _LOG = logging.getLogger(__name__)
 
