@@ -325,8 +325,8 @@ def test_species_walk_corrects_elements_the_positions_adapted_to(walk):
     x, _ = run.refit(torch.tensor(atoms.positions)[None], wrong, rows, 300)
     before = run.score(x, wrong, rows)
     assert 1e-6 < before < 1e-2  # a near miss, within the walk's reach
-    # no single step is needed: the wrong elements at the positions fitted to them
-    # look better than the right ones there
+    # a search with the positions held cannot see it: at the positions fitted to the
+    # wrong elements, the right ones look worse
     assert run.score(x, truth, rows) > before
     x2, w2 = run.species_search(x.clone(), wrong.clone(), rows)
     if walk:

@@ -1152,6 +1152,8 @@ class _Run:
         differing elements to 4-8.
         """
         s, n = self.s, self.n
+        if s.species_walk == 0:
+            return x, w
         current = self.score(x, w, tg)
         rows = []
         for t in tg.unique():
@@ -1159,7 +1161,7 @@ class _Run:
             best = mine[current[mine].argmin()]
             if 0.1 * self.problem.tol < current[best] < 1e-2:
                 rows.append(int(best))
-        if not rows or s.species_walk == 0:
+        if not rows:
             return x, w
         ia, ib = torch.triu_indices(n, n, offset=1)
         allowed = self.allowed
