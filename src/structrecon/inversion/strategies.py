@@ -574,7 +574,9 @@ class LBFGS:
 
 
 #: LM steps per symmetry image in a sweep, and finalists per target polished in full
-_SWEEP_STEPS, _SWEEP_KEEP = 8, 3
+_SWEEP_STEPS, _SWEEP_KEEP = 5, 3
+#: trial steps in float32 while the fingerprint RMSD is above this times its rounding
+_FAST_FACTOR = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -593,9 +595,10 @@ class LocalLM:
     bispectrum of clusters; computed in float32, 1e-6 relative, as accurate as forward
     differences and 11-14x cheaper than them), else forward differences (``'auto'``), or
     ``'analytic'``, ``'fd'``, ``'autodiff'``.  With a float32 Jacobian, trial steps are
-    evaluated in float32 too while a structure's fingerprint RMSD is above 1000 times
+    evaluated in float32 too while a structure's fingerprint RMSD is above 100 times
     the float32 rounding of the fingerprint (measured once at the start structures;
-    :func:`lm_polish` ``fast_above``).  All starts of all targets are
+    :func:`lm_polish` ``fast_above``; at 1000 times, a third of the benzene trial
+    steps were in float64, and 40 benzene frames cost 18% more).  All starts of all targets are
     polished as one batch (:func:`lm_polish`, ``steps`` iterations; a trial whose
     residual has not fallen 4x in ``patience`` iterations is dropped); a target whose
     fingerprint RMSD is below the problem's ``tol`` is done, the others hop: new trials around
@@ -626,14 +629,15 @@ class LocalLM:
     their best structure (:meth:`structrecon.structures.PointGroup.images`: one
     operation of the start's point group applied to one component; 43 images for
     benzene, 7 for naphthalene, none for molecules with a single non-trivial
-    component or none).  Each image gets 8 LM steps, the best three a full polish;
+    component or none).  Each image gets 5 LM steps, the best three a full polish;
     a sweep that improves nothing ends the target's sweeps.  When: with
     ``symmetry_hop=None`` (default), a target whose sweep costs less than an LM round
-    (images x 8 < (trials - 3) x steps LM steps: naphthalene's 7, not benzene's 43) is
+    (images x 5 < (trials - 3) x steps LM steps: naphthalene's 7 and benzene's 43) is
     swept already before the second round, and every target still open after the hops
-    is swept then (20 frames: naphthalene 6.2 -> 4.9 s/frame; benzene, swept before
-    the second round, 8.8 -> 10.0); an integer h sweeps all open targets before round
-    h only (h >= hops: after the hops).
+    is swept then (20 frames: naphthalene 6.2 -> 4.9 s/frame with 8 steps per image;
+    40 benzene frames, 8 -> 5 steps, which moves benzene's sweep before the second
+    round: 37/40 -> 40/40 recovered, at about the same cost); an integer h sweeps
+    all open targets before round h only (h >= hops: after the hops).
 
     Targets are done when their fingerprint RMSD is 1e-4 times the problem's ``tol``
     (:func:`lm_polish` ``done_below``; the other trials of the target stop with it).
@@ -685,7 +689,7 @@ class LocalLM:
         if jacobian_dtype is not None:  # trial steps in float32 while 1000x its rounding away
             with torch.no_grad():
                 rounding = problem.fn(centre.to(jacobian_dtype)).to(dtype) - problem.fn(centre)
-            fast_above = 1e3 * float(rounding.square().mean().sqrt())
+            fast_above = _FAST_FACTOR * float(rounding.square().mean().sqrt())
         polish = functools.partial(
             lm_polish,
             jacobian=kind,
