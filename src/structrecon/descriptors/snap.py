@@ -950,8 +950,8 @@ def bispectrum_fn(spec: BispectrumSpec, numbers, cell=None, pbc=None):
             total = total.index_add(0, pi, g * w_second[:, None, None])
             total = total.index_add(0, pj, tt.dagger(g) * w_first[:, None, None])
             # centre i < j: d/d r_j of w_j g(r_j - r_i); centre j: d/d r_i of
-            # w_i g(r_j - r_i)^H = -w_i (dg)^H (both are contracted with Z below)
-            # with the fold weights of the contraction (see _jacobian_tables)
+            # w_i g(r_j - r_i)^H = -w_i (dg)^H; both are contracted with Z below, and
+            # carry the fold weights of that contraction (see _jacobian_tables)
             fold = jt.fold_weight
             deriv[:, pi * n_atoms + pj] = d_term * (w_second[:, None, None] * fold)
             deriv[:, pj * n_atoms + pi] = tt.dagger(d_term) * (-w_first[:, None, None] * fold)
