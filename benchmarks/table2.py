@@ -89,6 +89,12 @@ def main(argv=None):
         help="with --refine: generate each target's evaluated samples at the target minus "
         "the mean EMT offset of its refinement reconstructions (their E_form - target)",
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the cVAE and the refinement reconstructions that an earlier run with the "
+        "same options left in --out (e.g. to add --calibrate to a --refine run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "table2"))
     args = p.parse_args(argv)
@@ -125,25 +131,26 @@ def main(argv=None):
     t_data = time.perf_counter() - t0
 
     model = out / "cvae"
-    cli(
-        [
-            "train",
-            "cvae",
-            "--data",
-            str(subset),
-            "--property",
-            "e_form",
-            "-o",
-            str(model),
-            "--epochs",
-            str(args.epochs),
-            "--beta",
-            str(args.beta),
-            "--seed",
-            str(args.seed),
-            "--no-progress",
-        ]
-    )
+    if not (args.reuse and (model / "model.pt").exists()):
+        cli(
+            [
+                "train",
+                "cvae",
+                "--data",
+                str(subset),
+                "--property",
+                "e_form",
+                "-o",
+                str(model),
+                "--epochs",
+                str(args.epochs),
+                "--beta",
+                str(args.beta),
+                "--seed",
+                str(args.seed),
+                "--no-progress",
+            ]
+        )
     surrogate = out / "surrogate"
     surrogate_data = out / f"pt_fps{args.surrogate_subset or args.subset}.db"
     refine_stats = None
@@ -326,15 +333,20 @@ def refine_data(args, cli, model, targets, data, out):
         for y in targets:
             gen, rec = out / f"refine_gen_{y}.npz", out / f"refine_rec_{y}.extxyz"
             seed = str(args.seed + 1)
-            cli(
-                ["generate", str(model), "--target", str(y), "-n", str(args.refine)]
-                + ["-o", str(gen), "--seed", seed, "--temperature", str(args.temperature)]
-            )
-            cli(
-                ["invert", str(gen), "-o", str(rec), "--overwrite", "--quiet"]
-                + ["--batch", "10", "--seed", seed]
-            )
+            if not (args.reuse and rec.exists()):
+                cli(
+                    ["generate", str(model), "--target", str(y), "-n", str(args.refine)]
+                    + ["-o", str(gen), "--seed", seed, "--temperature", str(args.temperature)]
+                )
+                cli(
+                    ["invert", str(gen), "-o", str(rec), "--overwrite", "--quiet"]
+                    + ["--batch", "10", "--seed", seed]
+                )
             frames = ase.io.read(rec, ":")
+            if len(frames) != args.refine:
+                raise SystemExit(
+                    f"{rec} holds {len(frames)} structures, not --refine {args.refine}"
+                )
             e_form = formation_energies(frames, "emt")
             for atoms, e in zip(frames, e_form):
                 con.write(atoms.copy(), e_form=float(e), refined_target=float(y))
