@@ -90,10 +90,17 @@ def main(argv=None):
         "the mean EMT offset of its refinement reconstructions (their E_form - target)",
     )
     p.add_argument(
+        "--per-atom-surrogate",
+        action="store_true",
+        help="the surrogate screen uses 'train surrogate --per-atom' (one MLP per atom on the "
+        "per-atom ACSF, averaged) instead of the paper's MLP on the pooled fingerprint",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse the cVAE and the refinement reconstructions that an earlier run with the "
-        "same options left in --out (e.g. to add --calibrate to a --refine run)",
+        help="reuse the cVAE and the reconstructions (refinement and evaluated) that an "
+        "earlier run with the same options left in --out (e.g. to screen them with another "
+        "surrogate)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "table2"))
@@ -170,6 +177,7 @@ def main(argv=None):
             str(args.seed),
             "--no-progress",
         ]
+        + (["--per-atom"] if args.per_atom_surrogate else [])
     )
     rows = []
     for y in targets:
@@ -178,39 +186,44 @@ def main(argv=None):
             condition = round(y - refine_stats["per_target"][str(y)]["offset"], 4)
         gen = out / f"gen_{y}.npz"
         rec = out / f"rec_{y}.extxyz"
-        cli(
-            [
-                "generate",
-                str(model),
-                "--target",
-                str(condition),
-                "-n",
-                str(args.samples),
-                "-o",
-                str(gen),
-                "--seed",
-                str(args.seed),
-                "--temperature",
-                str(args.temperature),
-            ]
-        )
-        t1 = time.perf_counter()
-        cli(
-            [
-                "invert",
-                str(gen),
-                "-o",
-                str(rec),
-                "--overwrite",
-                "--quiet",
-                "--batch",
-                "10",
-                "--seed",
-                str(args.seed),
-            ]
-        )
-        t_inv = time.perf_counter() - t1
+        t_inv = float("nan")
+        if not (args.reuse and rec.exists()):
+            cli(
+                [
+                    "generate",
+                    str(model),
+                    "--target",
+                    str(condition),
+                    "-n",
+                    str(args.samples),
+                    "-o",
+                    str(gen),
+                    "--seed",
+                    str(args.seed),
+                    "--temperature",
+                    str(args.temperature),
+                ]
+            )
+            t1 = time.perf_counter()
+            cli(
+                [
+                    "invert",
+                    str(gen),
+                    "-o",
+                    str(rec),
+                    "--overwrite",
+                    "--quiet",
+                    "--batch",
+                    "10",
+                    "--seed",
+                    str(args.seed),
+                ]
+            )
+            t_inv = time.perf_counter() - t1
         frames = ase.io.read(rec, ":")
+        label = f"gen_{condition:g}_"
+        if len(frames) != args.samples or not frames[0].info["name"].startswith(label):
+            raise SystemExit(f"{rec} is not the {args.samples} reconstructions of {label}*")
         e = formation_energies(frames, "emt")
         fp = np.array([a.info["fingerprint_rmsd"] for a in frames])
         # invalid-representation screen: drop the samples whose reconstruction loss
@@ -361,11 +374,9 @@ def refine_data(args, cli, model, targets, data, out):
 
 def surrogate_predictions(model_dir, frames):
     """The surrogate's property for each structure, from the structure's own fingerprint."""
-    from structrecon.descriptors import describe
     from structrecon.generative import load_model
 
-    model = load_model(model_dir, "surrogate")
-    return np.asarray(model.predict(describe(model.fingerprint_spec, frames)), dtype=float)
+    return np.asarray(load_model(model_dir, "surrogate").predict_structures(frames), dtype=float)
 
 
 if __name__ == "__main__":

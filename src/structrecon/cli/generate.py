@@ -42,6 +42,11 @@ def run(args) -> int:
         raise StructreconError(f"-n must be >= 1, got {args.n}")
     cvae = load_model(args.model, "cvae")
     surrogate = load_model(args.surrogate, "surrogate") if args.surrogate else None
+    if surrogate is not None and surrogate.per_atom:
+        raise StructreconError(
+            f"{args.surrogate} is a per-atom surrogate: it scores structures "
+            "('structrecon screen'), not generated fingerprints"
+        )
     if surrogate is not None and (
         surrogate.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
     ):

@@ -9,6 +9,9 @@ Two checks, either or both (Fung 2022, sec. 3.3, and one step further):
   again (with the surrogate's descriptor) and the surrogate predicts its property;
   --surrogate MODEL_DIR --target Y flags structures predicted more than --window away
   from Y.  It asks of the structure what the generator was asked of the fingerprint.
+  A per-atom surrogate ('train surrogate --per-atom') predicts from the structure's
+  per-atom features instead: far more accurate on reconstructions, which lie off the
+  training data (Pt10, EMT: MAE 0.01-0.02 against 0.03-0.11 eV/atom).
 
 Prints one line per structure (name, fingerprint RMSD, prediction, kept or why not) and
 the count kept; -o writes the kept structures (with ``predicted_<property>`` in their
@@ -65,7 +68,7 @@ def run(args) -> int:
     import ase.io
     import numpy as np
 
-    from ..descriptors import check_cluster_connected, describe
+    from ..descriptors import check_cluster_connected
     from ..generative import load_model
     from ..io import frame_name, read_frames
 
@@ -105,7 +108,7 @@ def run(args) -> int:
                 keep[k] = False
                 why[k].append(f"an atom beyond the {spec.descriptor.cutoff:g} A cutoff")
         if whole:
-            pred[whole] = model.predict(describe(spec, [frames[k] for k in whole]))
+            pred[whole] = model.predict_structures([frames[k] for k in whole])
         for k in np.flatnonzero(np.abs(pred[whole] - args.target) > args.window):
             keep[whole[k]] = False
             why[whole[k]].append(f"predicted {key} off by > {args.window:g}")

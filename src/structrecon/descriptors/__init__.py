@@ -42,6 +42,7 @@ __all__ = [
     "cosine_cutoff",
     "density_from_moments",
     "describe",
+    "describe_atoms",
     "descriptor_kinds",
     "fingerprint_fn",
     "geometric_moments",
@@ -263,4 +264,30 @@ def describe(spec: FingerprintSpec | str, frames, *, dtype=torch.float64) -> np.
         pos = torch.as_tensor(np.stack([frames[i].positions for i in idx]), dtype=dtype)
         with torch.no_grad():
             out[idx] = fn(pos).double().numpy()
+    return out
+
+
+def describe_atoms(spec: FingerprintSpec | str, frames, *, dtype=torch.float64) -> np.ndarray:
+    """Per-atom features (the descriptor without its pooling): [n_frames, N, F] float64.
+
+    All frames must have the same number of atoms N; atoms keep their order.
+    """
+    spec = load_spec(spec)
+    sizes = {len(atoms) for atoms in frames}
+    if len(sizes) > 1:
+        raise StructreconError(
+            f"per-atom features need frames with one number of atoms, got {sorted(sizes)}"
+        )
+    n = sizes.pop() if sizes else 0
+    out = np.zeros((len(frames), n, spec.descriptor.n_features))
+    for k, atoms in enumerate(frames):
+        if len(atoms) == 0:
+            raise StructreconError(f"frame {k} has no atoms")
+    for (numbers, _, pbc), idx in atoms_groups(frames).items():
+        first = frames[idx[0]]
+        cell = first.cell.array if any(pbc) else None
+        per_atom = spec.descriptor.build(numbers, cell, pbc)
+        pos = torch.as_tensor(np.stack([frames[i].positions for i in idx]), dtype=dtype)
+        with torch.no_grad():
+            out[idx] = per_atom(pos).double().numpy()
     return out

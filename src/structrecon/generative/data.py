@@ -75,6 +75,8 @@ def load_training_data(
     key: str,
     spec: str | FingerprintSpec | None = None,
     y_csv: str | Path | None = None,
+    *,
+    per_atom: bool = False,
 ) -> TrainingData:
     """Fingerprints and property ``key`` from ``path``.
 
@@ -86,9 +88,16 @@ def load_training_data(
         CSV of fingerprints [B, F] (no header) together with ``y_csv`` (B values), read as
         Pt10 clusters described with ``spec`` (default ``acsf-fung``).
     key : property name (e.g. ``e_form``, eV/atom).
+    per_atom : per-atom features [B, N, F] (the descriptor of ``spec`` without its pooling)
+        instead of fingerprints, for a per-atom surrogate; structures only.
     All structures must share one composition; the first frame's cell/pbc are kept.
     """
     p = check_file(path, "data")
+    if per_atom and p.suffix.lower() in (".csv", ".npz"):
+        raise StructreconError(
+            f"{p} holds fingerprints, not structures: a per-atom surrogate needs structures "
+            "(an ASE database or structure file)"
+        )
     if y_csv is not None and p.suffix.lower() != ".csv":
         raise StructreconError("--y-csv goes with a CSV of fingerprints as DATA")
     if p.suffix.lower() == ".csv":
@@ -125,10 +134,10 @@ def load_training_data(
         )
     frames, prop = _read_structures(p, key)
     _check_one_composition([a.numbers for a in frames], p)
-    from ..descriptors import describe
+    from ..descriptors import describe, describe_atoms
 
     fspec = load_spec(spec or "acsf-fung")
-    fps = describe(fspec, frames)
+    fps = (describe_atoms if per_atom else describe)(fspec, frames)
     first = frames[0]
     cell = first.cell.array if first.pbc.any() else np.zeros((3, 3))
     return TrainingData(fps, prop, key, fspec, first.numbers.copy(), cell, first.pbc.copy())

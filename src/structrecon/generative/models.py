@@ -123,6 +123,12 @@ class SurrogateSpec(_SpecBase):
     weight_decay : Adam L2 weight decay (0 = none).
     train_fraction : share of the data used for training (0.8).
     activation : hidden nonlinearity.
+    per_atom : the model is one MLP applied to every atom's features [B, N, F] (``n_features``
+        is then the per-atom F), whose outputs are averaged over the atoms: the additive form
+        of Behler-Parrinello potentials, y = mean_i phi(G_i), for a per-atom property such
+        as a formation energy per atom.  It is invariant to the order of the atoms, and it
+        scores structures, not generated (pooled) fingerprints.  Default False: one MLP on
+        the pooled fingerprint [B, F], as the paper.
     """
 
     n_features: int
@@ -134,6 +140,7 @@ class SurrogateSpec(_SpecBase):
     weight_decay: float = 0.0
     train_fraction: float = 0.8
     activation: str = "relu"
+    per_atom: bool = False
 
     kind: ClassVar[str] = "surrogate"
 
@@ -143,6 +150,8 @@ class SurrogateSpec(_SpecBase):
             raise StructreconError("surrogate spec: layers must be >= 2")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise StructreconError("surrogate spec: weight_decay must be >= 0")
+        if not isinstance(self.per_atom, bool):
+            raise StructreconError("surrogate spec: per_atom must be true or false")
 
 
 def _mlp(n_in: int, hidden: int, n_hidden: int, n_out: int, activation: str) -> nn.Sequential:
@@ -220,7 +229,11 @@ class CVAE(nn.Module):
 
 
 class Surrogate(nn.Module):
-    """MLP ``x [B, F] -> y [B]`` (normalised), ``layers`` linear layers of width ``hidden``."""
+    """MLP ``x [B, F] -> y [B]`` (normalised), ``layers`` linear layers of width ``hidden``.
+
+    With ``spec.per_atom``: ``x [B, N, F] -> y [B]``, the MLP applied to each atom and its
+    outputs averaged over the atoms.
+    """
 
     def __init__(self, spec: SurrogateSpec):
         super().__init__()
@@ -228,8 +241,9 @@ class Surrogate(nn.Module):
         self.net = _mlp(spec.n_features, spec.hidden, spec.layers - 1, 1, spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """X [B, F] -> y [B]."""
-        return self.net(x).squeeze(1)
+        """X [B, F] (per atom: [B, N, F]) -> y [B]."""
+        out = self.net(x).squeeze(-1)
+        return out.mean(dim=1) if self.spec.per_atom else out
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean squared error on normalised y [B, 1]; returns (loss, mean absolute error)."""

@@ -40,7 +40,8 @@ class TrainingData:
 
     Parameters
     ----------
-    fingerprints : [B, F] float64 global fingerprints R.
+    fingerprints : [B, F] float64 global fingerprints R, or [B, N, F] per-atom features
+        (the descriptor of ``spec`` without its pooling) for a per-atom surrogate.
     prop : [B] property values (e.g. formation energy, eV/atom).
     prop_name : the property's key (e.g. ``e_form``).
     spec : fingerprint spec that made R.
@@ -59,20 +60,28 @@ class TrainingData:
     def __post_init__(self):
         self.fingerprints = np.asarray(self.fingerprints, dtype=float)
         self.prop = np.asarray(self.prop, dtype=float).reshape(-1)
-        if self.fingerprints.ndim != 2:
-            raise StructreconError("training fingerprints must be a [B, F] array")
-        b, f = self.fingerprints.shape
+        if self.fingerprints.ndim not in (2, 3):
+            raise StructreconError(
+                "training fingerprints must be a [B, F] array (or [B, N, F] per atom)"
+            )
+        b, f = self.fingerprints.shape[0], self.fingerprints.shape[-1]
         if b < 2:
             raise StructreconError(f"need at least 2 training structures, got {b}")
         if len(self.prop) != b:
             raise StructreconError(f"{b} fingerprints but {len(self.prop)} property values")
-        if f != self.spec.n_features:
+        expected = self.spec.descriptor.n_features if self.per_atom else self.spec.n_features
+        if f != expected:
             raise StructreconError(
                 f"fingerprint length {f} does not match the spec '{self.spec.name or 'custom'}' "
-                f"({self.spec.n_features} values)"
+                f"({expected} values{' per atom' if self.per_atom else ''})"
             )
         if not (np.isfinite(self.fingerprints).all() and np.isfinite(self.prop).all()):
             raise StructreconError("training data contains NaN or inf")
+
+    @property
+    def per_atom(self) -> bool:
+        """Per-atom features [B, N, F] rather than pooled fingerprints [B, F]."""
+        return self.fingerprints.ndim == 3
 
 
 def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,14 +140,25 @@ class TrainedModel:
             plot_losses(self.history, d / "loss.png", title=f"{self.kind} training")
         return d
 
+    @property
+    def per_atom(self) -> bool:
+        """A per-atom surrogate (scores structures, not pooled fingerprints)."""
+        return bool(getattr(self.model.spec, "per_atom", False))
+
     def predict(self, fingerprints: np.ndarray) -> np.ndarray:
-        """Surrogate only: raw fingerprints [B, F] -> property [B] (property units)."""
+        """Surrogate only: raw fingerprints [B, F] -> property [B] (property units).
+
+        A per-atom surrogate takes per-atom features [B, N, F]
+        (:func:`structrecon.descriptors.describe_atoms`).
+        """
         if not isinstance(self.model, Surrogate):
             raise StructreconError("this model is a cVAE, not a surrogate")
         fingerprints = np.asarray(fingerprints, dtype=float)
-        if fingerprints.ndim != 2 or fingerprints.shape[1] != self.model.spec.n_features:
+        ndim, f = (3, "N, ") if self.per_atom else (2, "")
+        if fingerprints.ndim != ndim or fingerprints.shape[-1] != self.model.spec.n_features:
             raise StructreconError(
-                f"surrogate expects [B, {self.model.spec.n_features}] fingerprints, "
+                f"surrogate expects [B, {f}{self.model.spec.n_features}] "
+                f"{'per-atom features' if self.per_atom else 'fingerprints'}, "
                 f"got {list(fingerprints.shape)}"
             )
         x = torch.as_tensor(self.normaliser.x(fingerprints), dtype=torch.float32)
@@ -148,6 +168,13 @@ class TrainedModel:
             for chunk in torch.split(x, 4096):
                 out.append(self.model(chunk).double().numpy())
         return self.normaliser.y_inverse(np.concatenate(out))
+
+    def predict_structures(self, frames) -> np.ndarray:
+        """Surrogate only: the property [B] of structures, from their own fingerprints."""
+        from ..descriptors import describe, describe_atoms
+
+        features = describe_atoms if self.per_atom else describe
+        return self.predict(features(self.fingerprint_spec, frames))
 
     def generate(
         self, target: float, n: int, seed: int | None = 0, temperature: float = 1.0
@@ -227,14 +254,22 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    if spec.n_features != data.fingerprints.shape[1]:
+    if spec.n_features != data.fingerprints.shape[-1]:
         raise StructreconError(
             f"model spec n_features={spec.n_features} but the data have "
-            f"{data.fingerprints.shape[1]} features"
+            f"{data.fingerprints.shape[-1]} features"
+        )
+    per_atom = bool(getattr(spec, "per_atom", False))
+    if per_atom != data.per_atom:
+        raise StructreconError(
+            "a per-atom surrogate needs per-atom features [B, N, F] and the other models "
+            "pooled fingerprints [B, F]"
         )
     torch.manual_seed(seed)
     tr, va = split_indices(len(data.prop), spec.train_fraction, seed)
-    norm = Normaliser.fit(data.fingerprints[tr], data.prop[tr])
+    # per atom: one set of statistics per feature over all atoms (the atoms are alike)
+    fit_x = data.fingerprints[tr].reshape(-1, data.fingerprints.shape[-1])
+    norm = Normaliser.fit(fit_x, data.prop[tr])
     x_all = torch.as_tensor(norm.x(data.fingerprints), dtype=torch.float32)
     y_all = torch.as_tensor(norm.y(data.prop), dtype=torch.float32).reshape(-1, 1)
     x_tr, y_tr, x_va, y_va = x_all[tr], y_all[tr], x_all[va], y_all[va]
