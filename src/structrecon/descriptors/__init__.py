@@ -6,6 +6,7 @@ of the positions: ``fn(positions [B, N, 3]) -> fingerprints [B, F]``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -252,19 +253,12 @@ def describe(spec: FingerprintSpec | str, frames, *, dtype=torch.float64) -> np.
     Frames are grouped by composition and cell and each group is computed as one batch.
     """
     spec = load_spec(spec)
-    out = np.zeros((len(frames), spec.n_features))
     for k, atoms in enumerate(frames):
         if len(atoms) == 0:
             raise StructreconError(f"frame {k} has no atoms")
         check_cluster_connected(atoms, spec.descriptor.cutoff, str(k))
-    for (numbers, _, pbc), idx in atoms_groups(frames).items():
-        first = frames[idx[0]]
-        cell = first.cell.array if any(pbc) else None
-        fn = fingerprint_fn(spec, numbers, cell, pbc)
-        pos = torch.as_tensor(np.stack([frames[i].positions for i in idx]), dtype=dtype)
-        with torch.no_grad():
-            out[idx] = fn(pos).double().numpy()
-    return out
+    build = functools.partial(fingerprint_fn, spec)
+    return _by_group(frames, (spec.n_features,), build, dtype)
 
 
 def describe_atoms(spec: FingerprintSpec | str, frames, *, dtype=torch.float64) -> np.ndarray:
@@ -279,15 +273,19 @@ def describe_atoms(spec: FingerprintSpec | str, frames, *, dtype=torch.float64) 
             f"per-atom features need frames with one number of atoms, got {sorted(sizes)}"
         )
     n = sizes.pop() if sizes else 0
-    out = np.zeros((len(frames), n, spec.descriptor.n_features))
-    for k, atoms in enumerate(frames):
-        if len(atoms) == 0:
-            raise StructreconError(f"frame {k} has no atoms")
+    if frames and n == 0:
+        raise StructreconError("frame 0 has no atoms")
+    return _by_group(frames, (n, spec.descriptor.n_features), spec.descriptor.build, dtype)
+
+
+def _by_group(frames, shape, build, dtype) -> np.ndarray:
+    """``build(numbers, cell, pbc)(positions)`` per composition and cell: [n_frames, *shape]."""
+    out = np.zeros((len(frames), *shape))
     for (numbers, _, pbc), idx in atoms_groups(frames).items():
         first = frames[idx[0]]
         cell = first.cell.array if any(pbc) else None
-        per_atom = spec.descriptor.build(numbers, cell, pbc)
+        fn = build(numbers, cell, pbc)
         pos = torch.as_tensor(np.stack([frames[i].positions for i in idx]), dtype=dtype)
         with torch.no_grad():
-            out[idx] = per_atom(pos).double().numpy()
+            out[idx] = fn(pos).double().numpy()
     return out
