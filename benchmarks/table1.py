@@ -100,7 +100,8 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
         )
 
     lines = [
-        f"cVAE beta={args.beta:g}, {args.epochs} epochs ({t_cvae:.0f} s); surrogate "
+        f"cVAE beta={args.beta:g}, {args.prior} prior, {args.epochs} epochs ({t_cvae:.0f} s); "
+        f"seed {args.seed} (split, initialisations, samples); surrogate "
         f"{args.surrogate_epochs} epochs ({t_sur:.0f} s), validation MAE "
         f"{err_va.mean():.3f} eV/atom, {100 * (err_va <= 0.1).mean():.0f}% of the 60 held-out "
         f"DFT structures within +-0.1; {args.samples} samples per target "
@@ -146,6 +147,12 @@ def main():
     p.add_argument("--epochs", type=int, default=2000, help="cVAE epochs (paper 2000)")
     p.add_argument("--surrogate-epochs", type=int, default=2000, help="paper 2000")
     p.add_argument("--beta", type=float, default=20.0, help="cVAE KL weight (paper 0.75)")
+    p.add_argument(
+        "--prior",
+        default="standard",
+        choices=["standard", "conditional"],
+        help="cVAE prior of z: N(0, I) as the paper, or a prior network p(z | y) (Sohn 2015)",
+    )
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument(
         "--temperature",
@@ -161,6 +168,10 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"beta{args.beta:g}_ep{args.epochs}"
+    if args.prior != "standard":
+        tag += f"_{args.prior}"
+    if args.seed:
+        tag += f"_seed{args.seed}"
 
     data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
     t0 = time.perf_counter()
@@ -171,11 +182,11 @@ def main():
         progress=False,
     )
     t_sur = time.perf_counter() - t0
-    sur.save(out / "table1_surrogate")
+    sur.save(out / ("table1_surrogate" + (f"_seed{args.seed}" if args.seed else "")))
     t0 = time.perf_counter()
     cvae = train(
         data,
-        CVAESpec(n_features=380, epochs=args.epochs, beta=args.beta),
+        CVAESpec(n_features=380, epochs=args.epochs, beta=args.beta, prior=args.prior),
         seed=args.seed,
         progress=False,
     )

@@ -85,6 +85,36 @@ def test_spec_validation():
         spec.beta = 1.0  # frozen
 
 
+def test_conditional_prior_kl_and_sampling():
+    """The KL term against torch.distributions, for both priors; sampling draws from them."""
+    from torch.distributions import Normal, kl_divergence
+
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 380, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
+    for prior in ("standard", "conditional"):
+        cvae = CVAE(CVAESpec(n_features=380, prior=prior)).double()
+        mu, logvar = cvae.encode(x, y)
+        mu_p, logvar_p = cvae.prior(y)
+        ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(mu_p, (0.5 * logvar_p).exp()))
+        _, kl = cvae.loss(x, y)
+        torch.testing.assert_close(kl, ref.sum(dim=1).mean())
+        # sampling: z = mu_p + T sigma_p eps, decoded with the same eps
+        eps = torch.randn(9, 25, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        z = mu_p + 0.7 * (0.5 * logvar_p).exp() * eps
+        got = cvae.sample(y, torch.Generator().manual_seed(4), temperature=0.7)
+        torch.testing.assert_close(got, cvae.decode(z, y))
+        if prior == "standard":  # N(0, I) whatever y
+            assert not mu_p.any() and not logvar_p.any()
+            assert not hasattr(cvae, "prior_net")
+        else:  # the prior moves with the condition
+            assert (mu_p[0] - mu_p[1]).abs().max() > 1e-6
+            names = [k for k in cvae.state_dict() if k.startswith("prior_net.")]
+            assert names
+    with pytest.raises(StructreconError, match="unknown prior 'flat'; valid: standard"):
+        CVAESpec(n_features=10, prior="flat")
+    assert CVAESpec(n_features=10).prior == "standard"  # the paper's
+
+
 def test_split_is_80_20_and_seeded():
     tr, va = split_indices(300, 0.8, 3)
     assert len(tr) == 240 and len(va) == 60 and not set(tr) & set(va)
@@ -94,9 +124,13 @@ def test_split_is_80_20_and_seeded():
 
 def test_save_load_round_trip(tmp_path):
     data = synthetic(64)
-    for spec in (CVAESpec(n_features=380, epochs=2), SurrogateSpec(n_features=380, epochs=2)):
+    for spec in (
+        CVAESpec(n_features=380, epochs=2),
+        CVAESpec(n_features=380, epochs=2, prior="conditional"),
+        SurrogateSpec(n_features=380, epochs=2),
+    ):
         model = train(data, spec, seed=1, progress=False)
-        d = model.save(tmp_path / spec.kind)
+        d = model.save(tmp_path / f"{spec.kind}_{getattr(spec, 'prior', '')}")
         assert (d / "loss.png").stat().st_size > 0
         meta = json.loads((d / "spec.json").read_text())
         assert meta["numbers"] == [78] * 10 and meta["fingerprint_spec"]["name"] == "acsf-fung"
@@ -111,14 +145,16 @@ def test_save_load_round_trip(tmp_path):
             a, b = model.predict(data.fingerprints), back.predict(data.fingerprints)
         np.testing.assert_array_equal(a, b)
     with pytest.raises(StructreconError, match="holds a cvae model"):
-        load_model(tmp_path / "cvae", "surrogate")
+        load_model(tmp_path / "cvae_standard", "surrogate")
 
 
 def test_training_reduces_losses():
     data = synthetic(200)
-    cvae = train(data, CVAESpec(n_features=380, epochs=30), seed=0, progress=False)
-    h = cvae.history
-    assert h["train"][-1] < 0.5 * h["train"][0] and h["validation"][-1] < h["validation"][0]
+    for prior in ("standard", "conditional"):
+        spec = CVAESpec(n_features=380, epochs=30, prior=prior)
+        cvae = train(data, spec, seed=0, progress=False)
+        h = cvae.history
+        assert h["train"][-1] < 0.5 * h["train"][0] and h["validation"][-1] < h["validation"][0]
 
 
 def test_surrogate_learns_linear_function():
@@ -169,11 +205,15 @@ def test_cli_train_generate(tmp_path, capsys):
                 str(tmp_path / "c"),
                 "--epochs",
                 "2",
+                "--prior",
+                "conditional",
                 "--no-progress",
             ]
         )
         == 0
     )
+    spec = json.loads((tmp_path / "c" / "spec.json").read_text())
+    assert spec["model"]["prior"] == "conditional"
     assert (
         main(
             [
@@ -320,6 +360,13 @@ def test_cli_errors(tmp_path, capsys):
         capsys,
         "--y-csv",
     )
+    for flag, value in (("--prior", "conditional"), ("--beta", "2")):
+        _fails(
+            ["train", "surrogate", "--data", x, "--y-csv", y, "--property", "e", flag, value]
+            + ["-o", str(tmp_path / "m")],
+            capsys,
+            f"{flag} is for 'train cvae'",
+        )
     _fails(
         ["generate", str(tmp_path), "--target", "2", "-n", "3", "-o", str(tmp_path / "g.npz")],
         capsys,

@@ -1,7 +1,8 @@
 """Generate fingerprints for a target property with a trained cVAE (Fung 2022, sec. 3.2).
 
-Samples z ~ N(0, T^2 I) (temperature T, default 1), decodes them conditioned on the
-target and writes a fingerprint file that 'structrecon invert' reads, with the
+Samples z from the cVAE's prior at temperature T (default 1): z ~ N(0, T^2 I), or for
+a cVAE trained with '--prior conditional' z = mu(Y) + T sigma(Y) eps; decodes them
+conditioned on the target and writes a fingerprint file that 'structrecon invert' reads, with the
 composition and cell of the training data, names gen_Y_k and the property prop_target.
 With --surrogate, the generated fingerprints are scored by a trained surrogate: MAE to
 the target and the share within +-0.1 (property units, e.g. eV/atom).
@@ -22,7 +23,8 @@ def add_arguments(p):
         type=float,
         default=1.0,
         metavar="T",
-        help="z ~ N(0, T^2 I); T < 1 follows the target more closely, less diverse (1)",
+        help="z ~ N(0, T^2 I) (conditional prior: mu + T sigma eps); T < 1 follows the "
+        "target more closely, less diverse (1)",
     )
     p.add_argument("--surrogate", metavar="MODEL_DIR", help="score samples with this surrogate")
     p.add_argument(

@@ -18,6 +18,7 @@ SPEC_OPTIONS = {
     "layers": "layers",
     "latent": "latent",
     "beta": "beta",
+    "prior": "prior",
 }
 
 #: defaults of ``train surrogate --per-atom`` (chosen on Pt10 EMT data, see the README)
@@ -50,6 +51,12 @@ def add_arguments(p):
     p.add_argument("--latent", type=int, help="cvae latent dimension (25)")
     p.add_argument("--beta", type=float, help="cvae weight of the KL term (0.75)")
     p.add_argument(
+        "--prior",
+        choices=["standard", "conditional"],
+        help="cvae prior of z: standard N(0, I) as Fung 2022 (default), or conditional, "
+        "a prior network p(z | property) as Sohn et al. 2015",
+    )
+    p.add_argument(
         "--per-atom",
         action="store_true",
         help="surrogate: one MLP per atom on the descriptor's per-atom features, averaged "
@@ -72,6 +79,9 @@ def run(args) -> int:
         raise StructreconError(f"output {out} exists and is not a directory")
     if args.per_atom and args.kind != "surrogate":
         raise StructreconError("--per-atom is for 'train surrogate'")
+    for flag in ("latent", "beta", "prior"):
+        if getattr(args, flag) is not None and args.kind != "cvae":
+            raise StructreconError(f"--{flag} is for 'train cvae'")
     data = load_training_data(
         args.data, args.property, args.descriptor, args.y_csv, per_atom=args.per_atom
     )

@@ -21,6 +21,7 @@ from ..descriptors._spec import check_keys
 
 __all__ = ["CVAE", "CVAESpec", "Normaliser", "Surrogate", "SurrogateSpec", "model_from_spec"]
 
+PRIORS = ("standard", "conditional")
 ACTIVATIONS = {"relu": nn.ReLU, "leaky-relu": nn.LeakyReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -83,6 +84,13 @@ class CVAESpec(_SpecBase):
     activation : hidden nonlinearity, one of ``relu``, ``leaky-relu``, ``silu``, ``tanh``.
     reconstruction : ``sum`` or ``mean`` of the squared error over the F features in the
         reconstruction term (``mean`` weighs the KL term F times more).
+    prior : ``standard`` - z ~ N(0, I) whatever the condition (Fung 2022); ``conditional``
+        - a prior network p(z | y) = N(mu(y), diag sigma^2(y)) (Sohn et al. 2015, eq. 4;
+        ``layers`` x ``hidden``), trained through the KL term and sampled from at
+        generation.  With the standard prior the latent code must carry the same
+        distribution of structure types at every condition; where the data's types
+        change with the property (near the edges of its range), the conditional prior
+        lets them.
     """
 
     n_features: int
@@ -96,6 +104,7 @@ class CVAESpec(_SpecBase):
     train_fraction: float = 0.8
     activation: str = "relu"
     reconstruction: str = "sum"
+    prior: str = "standard"
 
     kind: ClassVar[str] = "cvae"
 
@@ -104,6 +113,10 @@ class CVAESpec(_SpecBase):
         if self.reconstruction not in ("sum", "mean"):
             raise StructreconError(
                 f"cvae spec: unknown reconstruction '{self.reconstruction}'; valid: sum, mean"
+            )
+        if self.prior not in PRIORS:
+            raise StructreconError(
+                f"cvae spec: unknown prior '{self.prior}'; valid: {', '.join(PRIORS)}"
             )
         if not isinstance(self.latent, int) or self.latent < 1:
             raise StructreconError("cvae spec: latent must be a positive integer")
@@ -170,8 +183,9 @@ class CVAE(nn.Module):
     """Conditional VAE: q(z | x, y) and p(x | z, y), Gaussian (Sohn et al. 2015).
 
     Encoder ``[x, y] (F + 1) -> layers x hidden -> (mu, log sigma^2) (2 x latent)``;
-    decoder ``[z, y] (latent + 1) -> layers x hidden -> x_hat (F)``.  All tensors are
-    normalised (dimensionless).
+    decoder ``[z, y] (latent + 1) -> layers x hidden -> x_hat (F)``; with
+    ``spec.prior == "conditional"`` a prior network ``y (1) -> layers x hidden ->
+    (mu, log sigma^2)``.  All tensors are normalised (dimensionless).
     """
 
     def __init__(self, spec: CVAESpec):
@@ -180,6 +194,16 @@ class CVAE(nn.Module):
         f, h, n, d = spec.n_features, spec.hidden, spec.layers, spec.latent
         self.encoder = _mlp(f + 1, h, n, 2 * d, spec.activation)
         self.decoder = _mlp(d + 1, h, n, f, spec.activation)
+        if spec.prior == "conditional":
+            self.prior_net = _mlp(1, h, n, 2 * d, spec.activation)
+
+    def prior(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Y [B, 1] -> prior mu [B, latent], logvar [B, latent] (zeros: N(0, I))."""
+        if self.spec.prior == "standard":
+            zero = y.new_zeros((y.shape[0], self.spec.latent))
+            return zero, zero
+        mu, logvar = self.prior_net(y).chunk(2, dim=1)
+        return mu, logvar.clamp(-20.0, 10.0)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """X [B, F], y [B, 1] -> mu [B, latent], logvar [B, latent]."""
@@ -201,13 +225,16 @@ class CVAE(nn.Module):
         """Negative beta-ELBO per sample, averaged over the batch (Higgins et al. 2016).
 
         recon = sum_f (x_hat - x)^2 (Gaussian decoder, up to constants; or the mean over f);
-        KL = -1/2 sum_d (1 + log sigma_d^2 - mu_d^2 - sigma_d^2).
-        Returns (recon + beta * KL, KL), both scalars.
+        KL(q(z | x, y) || p(z | y)) = 1/2 sum_d (log s_d^2 - log sigma_d^2
+        + (sigma_d^2 + (mu_d - m_d)^2) / s_d^2 - 1), with the prior N(m, diag s^2)
+        (m = 0, s = 1 for the standard prior).  Returns (recon + beta * KL, KL), both scalars.
         """
         x_hat, mu, logvar = self(x, y)
         sq = (x_hat - x) ** 2
         recon = (sq.sum(dim=1) if self.spec.reconstruction == "sum" else sq.mean(dim=1)).mean()
-        kl = (-0.5 * (1.0 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean()
+        mu_p, logvar_p = self.prior(y)
+        kl_d = logvar_p - logvar + (logvar.exp() + (mu - mu_p) ** 2) / logvar_p.exp() - 1.0
+        kl = (0.5 * kl_d.sum(dim=1)).mean()
         return recon + self.spec.beta * kl, kl
 
     @torch.no_grad()
@@ -217,15 +244,17 @@ class CVAE(nn.Module):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        """Decode z ~ N(0, T^2 I) conditioned on normalised targets y [B, 1] -> x [B, F].
+        """Decode z from the prior conditioned on normalised targets y [B, 1] -> x [B, F].
 
+        z = mu(y) + T sigma(y) eps with eps ~ N(0, I); for the standard prior z ~ N(0, T^2 I).
         A temperature T < 1 keeps z nearer the prior's centre: samples follow the
         condition more closely and are less diverse.
         """
-        z = torch.randn(
+        eps = torch.randn(
             (y.shape[0], self.spec.latent), generator=generator, dtype=y.dtype, device=y.device
         )
-        return self.decode(temperature * z, y)
+        mu_p, logvar_p = self.prior(y)
+        return self.decode(mu_p + temperature * torch.exp(0.5 * logvar_p) * eps, y)
 
 
 class Surrogate(nn.Module):
