@@ -282,23 +282,25 @@ def test_discrete_weight_search_restores_snapped_noisy_weights():
 
 def test_pair_moves_are_every_weight_preserving_change_of_two_atoms():
     allowed = torch.tensor([1.1, 1.3, 1.5, 1.7, 1.9], dtype=torch.float64)
-    w = torch.tensor([1.1, 1.3, 1.3, 1.7, 1.9], dtype=torch.float64)
-    n = len(w)
+    rows = torch.tensor([[1.1, 1.3, 1.3, 1.7, 1.9], [1.5, 1.5, 1.1, 1.1, 1.9]], dtype=torch.float64)
+    n = rows.shape[1]
     ia, ib = torch.triu_indices(n, n, offset=1)
-    got = _pair_moves(w, ia, ib, allowed)
-    # brute force over all assignments that differ from w in exactly two atoms
-    want = set()
-    for i in range(n):
-        for j in range(i + 1, n):
-            for a in allowed.tolist():
-                for b in allowed.tolist():
-                    if a != w[i] and b != w[j] and abs(a + b - w[i] - w[j]) < 1e-9:
-                        c = w.clone()
-                        c[i], c[j] = a, b
-                        want.add(tuple(round(v, 9) for v in c.tolist()))
-    found = [tuple(round(v, 9) for v in c.tolist()) for c in got]
-    assert len(found) == len(set(found)) == len(want)
-    assert set(found) == want
+    got, ok = _pair_moves(rows, ia, ib, allowed)  # both rows in one batch
+    assert got.shape == (2, len(ia) * len(allowed), n) and ok.shape == got.shape[:2]
+    for w, cands, mask in zip(rows, got, ok):
+        # brute force over all assignments that differ from w in exactly two atoms
+        want = set()
+        for i in range(n):
+            for j in range(i + 1, n):
+                for a in allowed.tolist():
+                    for b in allowed.tolist():
+                        if a != w[i] and b != w[j] and abs(a + b - w[i] - w[j]) < 1e-9:
+                            c = w.clone()
+                            c[i], c[j] = a, b
+                            want.add(tuple(round(v, 9) for v in c.tolist()))
+        found = [tuple(round(v, 9) for v in c.tolist()) for c in cands[mask]]
+        assert len(found) == len(set(found)) == len(want) > 0
+        assert set(found) == want
 
 
 @pytest.mark.parametrize("walk", [8, 0])

@@ -609,21 +609,23 @@ def _snap_weights(w: torch.Tensor, allowed: torch.Tensor, total: torch.Tensor) -
 
 
 def _pair_moves(w, ia, ib, allowed):
-    """Every change of two atoms' elements that keeps their summed weight: [C, N].
+    """Every change of two atoms' elements that keeps their summed weight.
 
-    w [N]: element weights; ia, ib: the atom pairs (index lists); allowed [S]: the
-    element weights.
+    w [B, N]: element weights; ia, ib [P]: the atom pairs; allowed [S]: the element
+    weights.  Candidate p * S + s puts allowed[s] on atom ia[p] and the rest of the
+    pair's weight on atom ib[p].  Returns the candidates [B, P * S, N] and a mask
+    [B, P * S]: the rest is an element and the move changes something.
     """
-    a = allowed[None, :].expand(len(ia), -1)  # atom ia's new weight
-    b = (w[ia] + w[ib])[:, None] - a  # atom ib's
-    hit = (b[..., None] - allowed).abs().min(dim=-1)
-    ok = (hit.values < 1e-9) & ((a - w[ia][:, None]).abs() > 1e-9)
-    pair, val = torch.nonzero(ok, as_tuple=True)
-    out = w[None].repeat(len(pair), 1)
-    ar = torch.arange(len(pair))
-    out[ar, ia[pair]] = a[pair, val]
-    out[ar, ib[pair]] = allowed[hit.indices[pair, val]]
-    return out
+    s_count = len(allowed)
+    pa, pb = ia.repeat_interleave(s_count), ib.repeat_interleave(s_count)
+    a = allowed.repeat(len(ia))  # atom pa's new weight
+    hit = (((w[:, pa] + w[:, pb] - a)[..., None]) - allowed).abs().min(dim=-1)
+    ok = (hit.values < 1e-9) & ((a - w[:, pa]).abs() > 1e-9)
+    out = w[:, None].repeat(1, len(a), 1)
+    ar = torch.arange(len(a))
+    out[:, ar, pa] = a
+    out[:, ar, pb] = allowed[hit.indices]
+    return out, ok
 
 
 def _match_order(w_found: torch.Tensor, w_wanted: torch.Tensor) -> torch.Tensor:
@@ -1168,7 +1170,8 @@ class _Run:
         for _ in range(s.species_walk):
             cands, owners = [], []
             for r in rows:
-                c = _pair_moves(w[r], ia, ib, allowed)
+                c, ok = _pair_moves(w[r : r + 1], ia, ib, allowed)
+                c = c[0, ok[0]]
                 cands.append(c)
                 owners.append(torch.full((len(c),), r))
             wc, own = torch.cat(cands), torch.cat(owners)
@@ -1372,9 +1375,7 @@ class _Run:
         rc = model.atom_basis(x, grad=False)  # [B, N, K]
         one_atom = torch.arange(n).repeat_interleave(s_count)
         one_value = allowed.repeat(n)
-        pa, pb = torch.nonzero(~torch.eye(n, dtype=torch.bool), as_tuple=True)
-        pa, pb = pa.repeat_interleave(s_count), pb.repeat_interleave(s_count)
-        pv = allowed.repeat(n * (n - 1))
+        ia, ib = torch.triu_indices(n, n, offset=1)
 
         def cost(cand):  # cand [B, C, N] -> [B, C]
             y = torch.einsum("bcn,bnk->bck", cand, rc)
@@ -1387,14 +1388,9 @@ class _Run:
         for _ in range(sweeps or 2 * n):
             ones = w[:, None].repeat(1, len(one_atom), 1)
             ones[:, torch.arange(len(one_atom)), one_atom] = one_value
-            # pair moves: atom a to value v, atom b to w_a + w_b - v if that is an element
-            other = w[:, pa] + w[:, pb] - pv  # [B, C2]
-            near = (other[..., None] - allowed).abs().min(dim=-1)
-            pairs = w[:, None].repeat(1, len(pa), 1)
-            pairs[:, torch.arange(len(pa)), pa] = pv
-            pairs[:, torch.arange(len(pa)), pb] = allowed[near.indices]
+            pairs, ok = _pair_moves(w, ia, ib, allowed)
             c_one = cost(ones)
-            c_pair = torch.where(near.values < 1e-9, cost(pairs), math.inf)
+            c_pair = torch.where(ok, cost(pairs), math.inf)
             c, k = torch.cat([c_one, c_pair], dim=1).min(dim=1)
             better = c < current * (1 - 1e-9)
             if not better.any():
