@@ -132,16 +132,16 @@ def fp_rmsd(spec, atoms, target):
     return float(np.sqrt(np.mean((describe(spec, [atoms])[0] - target) ** 2)))
 
 
-def run_ours(atoms, mode, attempts, seed):
+def run_ours(atoms, mode, attempts, seed, rounds=4):
     unit, weighted = specs()
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
     if mode == "positions":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_unit)
-        strategy = MiladReconstruction(trials=attempts)
+        strategy = MiladReconstruction(trials=attempts, rounds=rounds)
         spec, species_spec = unit, None
     elif mode == "species":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_w)
-        strategy = MiladReconstruction(trials=attempts, species="fit")
+        strategy = MiladReconstruction(trials=attempts, rounds=rounds, species="fit")
         spec, species_spec = weighted, None
     else:
         target = Target(
@@ -150,7 +150,7 @@ def run_ours(atoms, mode, attempts, seed):
             fingerprint=fp_unit,
             species_fingerprint=fp_w,
         )
-        strategy = MiladReconstruction(trials=attempts)
+        strategy = MiladReconstruction(trials=attempts, rounds=rounds)
         spec, species_spec = unit, weighted
     t0 = time.perf_counter()
     (res,) = invert([target], spec, strategy, seed=seed, tol=TOL, species_spec=species_spec)
@@ -359,6 +359,9 @@ def main():
     parser.add_argument("--per-size", type=int, default=3)
     parser.add_argument("--attempts", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="our alternations of moments and atoms fits (4)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--skip-milad", action="store_true")
     parser.add_argument(
@@ -408,7 +411,7 @@ def main():
         )
         milad_quota[n] = milad_quota.get(n, 0) + 1
         for mode in args.modes:
-            jobs = [("ours", run_ours)]
+            jobs = [("ours", lambda *a: run_ours(*a, rounds=args.rounds))]
             if run_milad_here and mode in args.milad_modes:
                 if mode != "species" or species_max is None or n <= species_max:
                     jobs.append(("milad", run_milad))
