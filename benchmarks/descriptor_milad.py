@@ -43,6 +43,8 @@ WEIGHTS = (1.1, 1.3, 1.5, 1.7, 1.9)  # the milad package's mapping of H C N O F 
 def qm9_molecule(n_atoms):
     """The first QM9 molecule with n_atoms atoms, from qm9pack's CSV files."""
     spec = importlib.util.find_spec("qm9pack")  # its __init__ needs pkg_resources
+    if spec is None:
+        sys.exit('error: QM9 comes from the qm9pack package: pip install -e ".[bench]"')
     folder = Path(spec.submodule_search_locations[0]) / "data"
     csv.field_size_limit(sys.maxsize)
     with open(folder / "qm9_part1.csv", newline="") as fh:

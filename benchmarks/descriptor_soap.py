@@ -50,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 def qm9_molecule(n_atoms):
     """The first QM9 molecule with n_atoms atoms, from qm9pack's CSV files."""
     spec = importlib.util.find_spec("qm9pack")  # its __init__ needs pkg_resources
+    if spec is None:
+        sys.exit('error: QM9 comes from the qm9pack package: pip install -e ".[bench]"')
     folder = Path(spec.submodule_search_locations[0]) / "data"
     csv.field_size_limit(sys.maxsize)
     with open(folder / "qm9_part1.csv", newline="") as fh:

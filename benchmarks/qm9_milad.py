@@ -75,6 +75,8 @@ def qm9_molecules(sizes, per_size, seed):
     import miniball
 
     spec = importlib.util.find_spec("qm9pack")  # its __init__ needs pkg_resources
+    if spec is None:
+        sys.exit('error: QM9 comes from the qm9pack package: pip install -e ".[bench]"')
     folder = Path(spec.submodule_search_locations[0]) / "data"
     csv.field_size_limit(sys.maxsize)
     rows = {}
