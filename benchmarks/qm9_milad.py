@@ -97,7 +97,8 @@ def qm9_molecules(sizes, per_size, seed):
         for k in sorted(pick):
             index, elements, xyz = found[k]
             atoms = Atoms(ast.literal_eval(elements), positions=ast.literal_eval(xyz))
-            centre, _ = miniball.get_bounding_ball(atoms.positions)
+            # a fixed generator: miniball's own, seeded per process, changes the last bits
+            centre, _ = miniball.get_bounding_ball(atoms.positions, rng=np.random.default_rng(0))
             atoms.positions -= centre
             atoms.info["name"] = f"qm9_{index}"
             out.append(atoms)

@@ -442,11 +442,16 @@ def _circumcentre(points: torch.Tensor) -> torch.Tensor:
 
 
 def miniball_support(pos: torch.Tensor) -> torch.Tensor:
-    """Indices of the atoms pos [N, 3] on their smallest enclosing sphere (``miniball``)."""
+    """Indices of the atoms pos [N, 3] on their smallest enclosing sphere (``miniball``).
+
+    ``miniball`` shuffles the points with a generator it seeds once per process, and its
+    centre then differs in the last bits from run to run; here it gets a fixed one, so
+    that a run is the same in every process.
+    """
     import miniball
 
     x = pos.detach().double().cpu().numpy()
-    c, r2 = miniball.get_bounding_ball(x)
+    c, r2 = miniball.get_bounding_ball(x, rng=np.random.default_rng(0))
     dist2 = ((x - c) ** 2).sum(-1)
     return torch.as_tensor(np.flatnonzero(dist2 >= r2 * (1 - 1e-9) - 1e-12), device=pos.device)
 
