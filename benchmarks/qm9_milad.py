@@ -135,7 +135,7 @@ def fp_rmsd(spec, atoms, target):
     return float(np.sqrt(np.mean((describe(spec, [atoms])[0] - target) ** 2)))
 
 
-def run_ours(atoms, mode, attempts, seed, rounds=4):
+def run_ours(atoms, mode, attempts, seed, rounds=8):
     unit, weighted = specs()
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
     if mode == "positions":
@@ -363,7 +363,7 @@ def main():
     parser.add_argument("--attempts", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--rounds", type=int, default=4, help="our alternations of moments and atoms fits (4)"
+        "--rounds", type=int, default=8, help="our alternations of moments and atoms fits (8)"
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--skip-milad", action="store_true")

@@ -53,7 +53,8 @@ def add_arguments(p):
     p.add_argument(
         "--rounds",
         type=int,
-        help="adam-hops: fresh trials x hops for targets still open, up to this many rounds (1)",
+        help="adam-hops: fresh trials x hops for targets still open, up to this many rounds "
+        "(1); milad: alternations of the moments and atoms fits per attempt (8)",
     )
     p.add_argument(
         "--torsions",

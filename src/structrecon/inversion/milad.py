@@ -650,7 +650,9 @@ class MiladReconstruction:
         done as soon as one attempt reaches the problem's ``tol``.
     rounds : alternations of the moments and atoms fits per attempt (Fig. 4); a round
         after the first starts the moments fit from the moments of the atoms found (but
-        see ``initial``).
+        see ``initial``).  Rounds run only for targets still open, so more of them cost
+        time only on failures: on the paper's 77 QM9 molecules (positions) 8 rounds
+        solved two that 4 did not (README).
     retries : random restarts of each new moment order, fitted side by side, the best
         kept (Algorithm 1's max_retries).
     moment_steps, atom_steps, polish_steps : Levenberg-Marquardt iterations for the
@@ -695,7 +697,7 @@ class MiladReconstruction:
     """
 
     trials: int = 3
-    rounds: int = 4
+    rounds: int = 8
     retries: int = 2
     moment_steps: int = 30
     atom_steps: int = 30
