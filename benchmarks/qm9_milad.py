@@ -135,7 +135,7 @@ def fp_rmsd(spec, atoms, target):
     return float(np.sqrt(np.mean((describe(spec, [atoms])[0] - target) ** 2)))
 
 
-def run_ours(atoms, mode, attempts, seed, rounds=8):
+def run_ours(atoms, mode, attempts, seed, rounds):
     unit, weighted = specs()
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
     if mode == "positions":
