@@ -208,38 +208,9 @@ def main(argv=None):
         rec = out / f"rec_{y}.extxyz"
         t_inv = float("nan")
         if not (args.reuse and rec.exists()):
-            cli(
-                [
-                    "generate",
-                    str(model),
-                    "--target",
-                    str(condition),
-                    "-n",
-                    str(args.samples),
-                    "-o",
-                    str(gen),
-                    "--seed",
-                    str(args.seed),
-                    "--temperature",
-                    str(args.temperature),
-                ]
+            t_inv = generate_and_invert(
+                args, cli, model, condition, args.samples, args.seed, gen, rec
             )
-            t1 = time.perf_counter()
-            cli(
-                [
-                    "invert",
-                    str(gen),
-                    "-o",
-                    str(rec),
-                    "--overwrite",
-                    "--quiet",
-                    "--batch",
-                    "10",
-                    "--seed",
-                    str(args.seed),
-                ]
-            )
-            t_inv = time.perf_counter() - t1
         frames = ase.io.read(rec, ":")
         label = f"gen_{condition:g}_"
         if len(frames) != args.samples or not frames[0].info["name"].startswith(label):
@@ -325,24 +296,14 @@ def main(argv=None):
             f"Surrogate refined on {refine_stats['added']} reconstructions of "
             f"{args.refine} samples per target (seed {args.seed + 1}), labelled with EMT "
             f"({refine_stats['seconds']:.0f} s); their E_form - target (mean, std) and share "
-            "within +-0.1: "
-            + ", ".join(
-                f"{y}: {v['offset']:+.3f}, {v['std']:.3f}, {v['within']:.0f}%"
-                for y, v in refine_stats["per_target"].items()
-            )
-            + "."
+            "within +-0.1: " + offsets_text(refine_stats) + "."
         )
     if args.calibrate:
         by = (
             "their EMT E_form"
             if args.refine
             else f"the surrogate's prediction for {extra} reconstructions per target (seed "
-            f"{args.seed + 1}; offset, std, share within +-0.1: "
-            + ", ".join(
-                f"{y}: {v['offset']:+.3f}, {v['std']:.3f}, {v['within']:.0f}%"
-                for y, v in refine_stats["per_target"].items()
-            )
-            + ")"
+            f"{args.seed + 1}; offset, std, share within +-0.1: " + offsets_text(refine_stats) + ")"
         )
         lines.append(
             "Calibrated: samples generated at "
@@ -363,20 +324,37 @@ def extra_reconstructions(args, cli, model, y, n, out):
     The evaluated samples use ``args.seed``; with ``--reuse`` an earlier run's files are read.
     """
     gen, rec = out / f"refine_gen_{y}.npz", out / f"refine_rec_{y}.extxyz"
-    seed = str(args.seed + 1)
     if not (args.reuse and rec.exists()):
-        cli(
-            ["generate", str(model), "--target", str(y), "-n", str(n)]
-            + ["-o", str(gen), "--seed", seed, "--temperature", str(args.temperature)]
-        )
-        cli(
-            ["invert", str(gen), "-o", str(rec), "--overwrite", "--quiet"]
-            + ["--batch", "10", "--seed", seed]
-        )
+        generate_and_invert(args, cli, model, y, n, args.seed + 1, gen, rec)
     frames = ase.io.read(rec, ":")
     if len(frames) != n:
         raise SystemExit(f"{rec} holds {len(frames)} structures, not {n}")
     return frames
+
+
+def generate_and_invert(args, cli, model, condition, n, seed, gen, rec):
+    """``structrecon generate`` n samples at ``condition``, then ``structrecon invert`` them.
+
+    Returns the seconds the inversion took.
+    """
+    cli(
+        ["generate", str(model), "--target", str(condition), "-n", str(n), "-o", str(gen)]
+        + ["--seed", str(seed), "--temperature", str(args.temperature)]
+    )
+    t0 = time.perf_counter()
+    cli(
+        ["invert", str(gen), "-o", str(rec), "--overwrite", "--quiet"]
+        + ["--batch", "10", "--seed", str(seed)]
+    )
+    return time.perf_counter() - t0
+
+
+def offsets_text(stats):
+    """Per target: mean offset, spread and share within +-0.1, as one line of text."""
+    return ", ".join(
+        f"{y}: {v['offset']:+.3f}, {v['std']:.3f}, {v['within']:.0f}%"
+        for y, v in stats["per_target"].items()
+    )
 
 
 def offsets(values, y):
