@@ -101,8 +101,9 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
 
     lines = [
         f"cVAE beta={args.beta:g}, {args.prior} prior, {args.epochs} epochs ({t_cvae:.0f} s); "
-        f"seed {args.seed} (split, initialisations, samples); surrogate "
-        f"{args.surrogate_epochs} epochs ({t_sur:.0f} s), validation MAE "
+        f"seed {args.seed} (split, initialisations, samples); judge: surrogate trained on "
+        f"{'all 300' if args.judge == 'all' else 'the 240 training'} structures; surrogate "
+        f"on 240: {args.surrogate_epochs} epochs ({t_sur:.0f} s), validation MAE "
         f"{err_va.mean():.3f} eV/atom, {100 * (err_va <= 0.1).mean():.0f}% of the 60 held-out "
         f"DFT structures within +-0.1; {args.samples} samples per target "
         f"(generation {t_gen:.1f} s in all); latent temperature {temperature:g}; one thread. "
@@ -161,6 +162,14 @@ def main():
         default=[1.0],
         help="latent temperature(s) T, z ~ N(0, T^2 I); one table per value (1)",
     )
+    p.add_argument(
+        "--judge",
+        default="heldout",
+        choices=["heldout", "all"],
+        help="surrogate that judges the samples: trained on the cVAE's 240 training "
+        "structures (heldout, validated on the other 60), or on all 300 (all; the paper's "
+        "judge saw 100 000 structures including the cVAE's training data)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
@@ -170,19 +179,34 @@ def main():
     tag = f"beta{args.beta:g}_ep{args.epochs}"
     if args.prior != "standard":
         tag += f"_{args.prior}"
+    if args.judge != "heldout":
+        tag += f"_judge{args.judge}"
     if args.seed:
         tag += f"_seed{args.seed}"
 
     data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
+
+    def surrogate(train_fraction):
+        return train(
+            data,
+            SurrogateSpec(
+                n_features=380, epochs=args.surrogate_epochs, train_fraction=train_fraction
+            ),
+            seed=args.seed,
+            progress=False,
+        )
+
     t0 = time.perf_counter()
-    sur = train(
-        data,
-        SurrogateSpec(n_features=380, epochs=args.surrogate_epochs),
-        seed=args.seed,
-        progress=False,
-    )
+    sur = surrogate(0.8)
     t_sur = time.perf_counter() - t0
     sur.save(out / ("table1_surrogate" + (f"_seed{args.seed}" if args.seed else "")))
+    # the judge on real held-out structures: how often does it put a true sample within 0.1?
+    tr, va = split_indices(300, 0.8, args.seed)
+    err_va = np.abs(sur.predict(data.fingerprints[va]) - data.prop[va])
+    if args.judge == "all":
+        # same settings on all 300; its held-out accuracy is estimated by the 240 one above
+        sur = surrogate(1.0)
+        sur.save(out / ("table1_surrogate_all" + (f"_seed{args.seed}" if args.seed else "")))
     t0 = time.perf_counter()
     cvae = train(
         data,
@@ -193,12 +217,7 @@ def main():
     t_cvae = time.perf_counter() - t0
     cvae.save(out / f"table1_cvae_{tag}")
 
-    # the judge on real held-out structures: how often does it put a true sample within 0.1?
-    _, va = split_indices(300, 0.8, args.seed)
-    err_va = np.abs(sur.predict(data.fingerprints[va]) - data.prop[va])
-
     times = (t_cvae, t_sur)
-    tr, _ = split_indices(300, 0.8, args.seed)
     for temperature in args.temperature:
         ttag = tag if temperature == 1.0 else f"{tag}_T{temperature:g}"
         generated = table_for(args, cvae, sur, data, err_va, temperature, ttag, out, times)

@@ -64,6 +64,29 @@ def test_shapes():
     assert sur(x).shape == (7,)
 
 
+def test_normaliser_keeps_near_constant_columns_near_constant():
+    """What one model decodes for a (nearly) constant column stays in range for a model
+    whose statistics come from other data (the Pt10 min-pooled ACSF columns vary by
+    1e-13; with a floor of 1 on the first model's scale, the second saw 1e7 sigmas)."""
+    from structrecon.generative.models import Normaliser
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 4))
+    X[:, 2] = 0.0  # constant on the first half ...
+    X[100:, 2] = 1e-7 * rng.normal(size=100)  # ... tiny spread on the second
+    X[:, 3] = 7.0
+    prop = rng.normal(size=200)
+    a, b = Normaliser.fit(X[:100], prop[:100]), Normaliser.fit(X, prop)
+    np.testing.assert_allclose(b.x_inverse(b.x(X)), X, atol=1e-12)
+    assert np.abs(b.x(X)).max() < 10  # the data themselves stay O(1)
+    decoded = a.x_inverse(rng.normal(size=(50, 4)))  # a model's output mapped to R
+    assert np.abs(decoded[:, 2]).max() < 1e-4 and np.allclose(decoded[:, 3], 7.0, atol=1e-4)
+    assert np.abs(b.x(decoded)).max() < 20
+    # negative control: with the old floor of 1 for column 2 the second model is far off
+    loose = Normaliser(a.x_mean, np.where(np.arange(4) == 2, 1.0, a.x_std), a.y_mean, a.y_std)
+    assert np.abs(b.x(loose.x_inverse(rng.normal(size=(50, 4))))).max() > 1e3
+
+
 def test_spec_validation():
     with pytest.raises(StructreconError, match="valid: .*beta"):
         CVAESpec.from_dict({"n_features": 10, "betta": 1.0})

@@ -297,8 +297,13 @@ def model_from_spec(data: dict[str, Any]) -> nn.Module:
 class Normaliser:
     """Per-feature standardisation of fingerprints and of the property.
 
-    ``x = (R - x_mean) / x_std`` with ``x_std`` floored at ``1e-8 * max(1, |mean|)`` (constant
-    columns are left at 0); ``y = (p - y_mean) / y_std``.  Units: those of R and p (eV/atom).
+    ``x = (R - x_mean) / x_std`` and ``y = (p - y_mean) / y_std``.  Units: those of R and p
+    (eV/atom).  ``x_std`` is floored at 1e-6 of the largest column's standard deviation, so
+    a (nearly) constant column stays (nearly) constant in R whatever a model outputs for it
+    in x.  (A floor of 1 there let a cVAE write noise of 1e-3 into columns whose data vary
+    by 1e-13, e.g. min-pooled ACSF of Pt10; a surrogate fitted on other data, where the
+    same column's tiny spread set its scale, then saw values 1e10 standard deviations away
+    and predicted 10 eV/atom off.)
     """
 
     x_mean: np.ndarray
@@ -311,8 +316,8 @@ class Normaliser:
         """Statistics of fingerprints [B, F] and property [B]."""
         x_mean = fingerprints.mean(axis=0)
         x_std = fingerprints.std(axis=0)
-        floor = 1e-8 * np.maximum(1.0, np.abs(x_mean))
-        x_std = np.where(x_std > floor, x_std, 1.0)
+        top = float(x_std.max(initial=0.0))
+        x_std = np.maximum(x_std, 1e-6 * top if top > 0 else 1.0)
         y_std = float(prop.std())
         return cls(x_mean, x_std, float(prop.mean()), y_std if y_std > 0 else 1.0)
 
