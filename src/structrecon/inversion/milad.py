@@ -1403,17 +1403,25 @@ class _Run:
         return w
 
     def species_second(self, x, tg):
-        """Weights against the species fingerprint with positions fixed, snapped, polished."""
+        """Weights against the species fingerprint with positions fixed, snapped, polished.
+
+        The polish fits the positions to the species fingerprint alone, in the frame of
+        the moments, which can undo the last digits the positions got from the main
+        fingerprint in its own frame (a 25-atom QM9 molecule came back 2.5e-5 A from
+        the truth at fingerprint RMSD 5e-5); the polished positions are kept only where
+        they lower the larger of the two fingerprint RMSDs.
+        """
         model2 = _model(self.spec2, self.s.grid)
         n = x.shape[1]
         total = model2.total_weight(self.phi2[tg][:, model2.fixed_invariants[0]])
         w = self.weights_for(model2, x, (total / n)[:, None].repeat(1, n), self.phi2[tg])
         w = _snap_weights(w, self.allowed, total)
         w = self.discrete_weights(model2, x, w, self.phi2[tg])
-        x, w, _ = self.s.fit_atoms(
+        xp, w, _ = self.s.fit_atoms(
             model2, x, w, self.phi2[tg], kind="invariants", rep=self.rep, steps=self.s.polish_steps
         )
-        return x, w
+        better = self.fingerprint_rmsd(xp, w, tg) < self.fingerprint_rmsd(x, w, tg)
+        return torch.where(better[:, None, None], xp, x), w
 
     def outcome(self) -> Outcome:
         from .strategies import Outcome
