@@ -1409,7 +1409,7 @@ class _Run:
         the moments, which can undo the last digits the positions got from the main
         fingerprint in its own frame (a 25-atom QM9 molecule came back 2.5e-5 A from
         the truth at fingerprint RMSD 5e-5); the polished positions are kept only where
-        they lower the larger of the two fingerprint RMSDs.
+        they lower the larger of the two fingerprint RMSDs.  Returns x, w and that RMSD [B].
         """
         model2 = _model(self.spec2, self.s.grid)
         n = x.shape[1]
@@ -1420,8 +1420,9 @@ class _Run:
         xp, w, _ = self.s.fit_atoms(
             model2, x, w, self.phi2[tg], kind="invariants", rep=self.rep, steps=self.s.polish_steps
         )
-        better = self.fingerprint_rmsd(xp, w, tg) < self.fingerprint_rmsd(x, w, tg)
-        return torch.where(better[:, None, None], xp, x), w
+        rmsd, rmsd_p = self.fingerprint_rmsd(x, w, tg), self.fingerprint_rmsd(xp, w, tg)
+        better = rmsd_p < rmsd
+        return torch.where(better[:, None, None], xp, x), w, torch.minimum(rmsd, rmsd_p)
 
     def outcome(self) -> Outcome:
         from .strategies import Outcome
@@ -1451,8 +1452,9 @@ class _Run:
             x, w = self.finish(x, w, tg)
             x_cur[live], w_cur[live] = x, w
             if self.two:
-                x, w = self.species_second(x, tg)
-            rmsd = self.fingerprint_rmsd(x, w, tg)
+                x, w, rmsd = self.species_second(x, tg)
+            else:
+                rmsd = self.fingerprint_rmsd(x, w, tg)
             _LOG.debug(
                 "round %d: moments %s, fingerprint %s",
                 rnd,
