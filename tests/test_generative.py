@@ -145,6 +145,19 @@ def test_split_is_80_20_and_seeded():
     assert not np.array_equal(tr, split_indices(300, 0.8, 4)[0])
 
 
+def test_split_seed_keeps_the_split_and_changes_the_initialisation():
+    data = synthetic(64)
+    spec = CVAESpec(n_features=380, epochs=1)
+    a = train(data, spec, seed=0, progress=False)
+    b = train(data, spec, seed=5, split_seed=0, progress=False)
+    c = train(data, spec, seed=5, progress=False)
+    # the normalisation statistics come from the training part: same split, same statistics
+    np.testing.assert_array_equal(a.normaliser.x_mean, b.normaliser.x_mean)
+    assert not np.allclose(a.normaliser.x_mean, c.normaliser.x_mean)  # another split
+    wa, wb = a.model.decoder[0].weight, b.model.decoder[0].weight
+    assert not torch.allclose(wa, wb)  # another initialisation
+    assert b.info["split_seed"] == 0 and b.info["seed"] == 5
+
 def test_save_load_round_trip(tmp_path):
     data = synthetic(64)
     for spec in (

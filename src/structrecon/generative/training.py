@@ -243,11 +243,14 @@ def train(
     spec: CVAESpec | SurrogateSpec,
     *,
     seed: int = 0,
+    split_seed: int | None = None,
     progress: bool = True,
 ) -> TrainedModel:
     """Train a cVAE or a surrogate on ``data`` with Adam (Fung 2022, sec. 2.3).
 
-    The data are split ``spec.train_fraction`` : rest (seeded); normalisation statistics come
+    The data are split ``spec.train_fraction`` : rest, by ``split_seed`` (default: ``seed``,
+    which also sets the initialisation and the batches; give both to retrain on the same
+    split from another initialisation); normalisation statistics come
     from the training part only.  Per epoch the mean training loss and the validation loss
     are recorded in ``history`` (for the cVAE: recon + beta KL; for the surrogate: MSE on
     the normalised property, plus the validation MAE in property units).
@@ -266,7 +269,9 @@ def train(
             "pooled fingerprints [B, F]"
         )
     torch.manual_seed(seed)
-    tr, va = split_indices(len(data.prop), spec.train_fraction, seed)
+    tr, va = split_indices(
+        len(data.prop), spec.train_fraction, seed if split_seed is None else split_seed
+    )
     # per atom: one set of statistics per feature over all atoms (the atoms are alike)
     fit_x = data.fingerprints[tr].reshape(-1, data.fingerprints.shape[-1])
     norm = Normaliser.fit(fit_x, data.prop[tr])
@@ -309,6 +314,7 @@ def train(
     model.eval()
     info = {
         "seed": seed,
+        "split_seed": seed if split_seed is None else split_seed,
         "n_train": int(len(tr)),
         "n_validation": int(len(va)),
         "seconds": round(time.perf_counter() - t0, 2),
