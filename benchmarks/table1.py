@@ -83,7 +83,13 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
     rows, generated, t_gen = [], {}, 0.0
     for k, target in enumerate(TARGETS):
         t0 = time.perf_counter()
-        X = cvae.generate(float(target), args.samples, seed=init + 1 + k, temperature=temperature)
+        X = cvae.generate(
+            float(target),
+            args.samples,
+            seed=init + 1 + k,
+            temperature=temperature,
+            latent=args.latent,
+        )
         t_gen += time.perf_counter() - t0
         generated[float(target)] = X
         err = np.abs(sur.predict(X) - target)
@@ -106,7 +112,8 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
         f"on 240: {args.surrogate_epochs} epochs ({t_sur:.0f} s), validation MAE "
         f"{err_va.mean():.3f} eV/atom, {100 * (err_va <= 0.1).mean():.0f}% of the 60 held-out "
         f"DFT structures within +-0.1; {args.samples} samples per target "
-        f"(generation {t_gen:.1f} s in all); latent temperature {temperature:g}; one thread. "
+        f"(generation {t_gen:.1f} s in all); z from the {args.latent}, latent temperature "
+        f"{temperature:g}; one thread. "
         "Spread: mean per-feature standard deviation of the samples over that of the "
         "300 structures (normalised features).",
         "",
@@ -159,6 +166,13 @@ def main():
         choices=["standard", "conditional"],
         help="cVAE prior of z: N(0, I) as the paper, or a prior network p(z | y) (Sohn 2015)",
     )
+    p.add_argument(
+        "--latent",
+        default="prior",
+        choices=["prior", "posterior"],
+        help="z from the prior (the paper) or from the posterior of the training structures "
+        "near the target (generate --latent posterior)",
+    )
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument(
         "--temperature",
@@ -190,6 +204,8 @@ def main():
     tag = f"beta{args.beta:g}_ep{args.epochs}"
     if args.prior != "standard":
         tag += f"_{args.prior}"
+    if args.latent != "prior":
+        tag += f"_{args.latent}"
     if args.judge != "heldout":
         tag += f"_judge{args.judge}"
     if args.seed:

@@ -158,6 +158,7 @@ def test_split_seed_keeps_the_split_and_changes_the_initialisation():
     assert not torch.allclose(wa, wb)  # another initialisation
     assert b.info["split_seed"] == 0 and b.info["seed"] == 5
 
+
 def test_save_load_round_trip(tmp_path):
     data = synthetic(64)
     for spec in (
@@ -182,6 +183,42 @@ def test_save_load_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(StructreconError, match="holds a cvae model"):
         load_model(tmp_path / "cvae_standard", "surrogate")
+
+
+def test_posterior_sampling_draws_training_latents_near_the_target(tmp_path):
+    data = synthetic(64)
+    cvae = train(data, CVAESpec(n_features=380, epochs=5), seed=0, progress=False)
+    post = cvae.posterior
+    tr, _ = split_indices(64, 0.8, 0)
+    assert post["mu"].shape == (len(tr), 25) and post["logvar"].shape == (len(tr), 25)
+    np.testing.assert_allclose(cvae.normaliser.y_inverse(post["y"]), data.prop[tr], atol=1e-6)
+    # a bandwidth far below the gaps between the training properties picks one structure;
+    # at a tiny temperature its z is its posterior mean
+    i = 7
+    target = float(data.prop[tr][i])
+    got = cvae.generate(target, 5, seed=0, temperature=1e-6, latent="posterior", bandwidth=1e-9)
+    z = torch.as_tensor(post["mu"][i : i + 1], dtype=torch.float32)
+    yn = torch.full((1, 1), float(cvae.normaliser.y(target)))
+    with torch.no_grad():
+        want = cvae.normaliser.x_inverse(cvae.model.decode(z, yn).double().numpy())
+    np.testing.assert_allclose(got, np.repeat(want, 5, axis=0), rtol=1e-5, atol=1e-5)
+    prior = cvae.generate(target, 5, seed=0, temperature=1e-6)  # negative control
+    assert np.abs(prior - want).max() > 1e-3
+    # with the default bandwidth, the samples spread over several structures near the target
+    wide = cvae.generate(target, 50, seed=0, temperature=1e-6, latent="posterior")
+    assert len(np.unique(wide.round(6), axis=0)) > 1
+    with pytest.raises(StructreconError, match="more than 4 bandwidths"):
+        cvae.generate(5.0, 5, latent="posterior")
+    with pytest.raises(StructreconError, match="latent must be"):
+        cvae.generate(target, 5, latent="aggregate")
+    d = cvae.save(tmp_path / "c")
+    back = load_model(d, "cvae")
+    again = back.generate(target, 5, seed=0, temperature=1e-6, latent="posterior", bandwidth=1e-9)
+    np.testing.assert_array_equal(got, again)
+    (d / "posterior.npz").unlink()
+    with pytest.raises(StructreconError, match="no stored posterior"):
+        load_model(d, "cvae").generate(target, 5, latent="posterior")
+    assert train(data, SurrogateSpec(n_features=380, epochs=1), progress=False).posterior is None
 
 
 def test_training_reduces_losses():
@@ -297,6 +334,12 @@ def test_cli_train_generate(tmp_path, capsys):
     assert fset.names == [f"gen_2.5_{k}" for k in range(4)]
     assert fset.fingerprints.shape == (4, 380) and np.all(fset.properties["target"] == 2.5)
     assert all(np.array_equal(n, [78] * 10) for n in fset.numbers)
+    post = tmp_path / "post.npz"
+    args = ["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "3", "-o", str(post)]
+    assert main(args + ["--latent", "posterior", "--bandwidth", "0.1"]) == 0
+    assert read_fingerprints(post).fingerprints.shape == (3, 380)
+    assert main(args + ["--bandwidth", "0.1"]) == 1  # the prior has no bandwidth
+    assert "--latent posterior only" in capsys.readouterr().err
 
 
 def test_structures_db_train_and_validate(tmp_path, capsys):

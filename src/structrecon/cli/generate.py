@@ -1,7 +1,9 @@
 """Generate fingerprints for a target property with a trained cVAE (Fung 2022, sec. 3.2).
 
 Samples z from the cVAE's prior at temperature T (default 1): z ~ N(0, T^2 I), or for
-a cVAE trained with '--prior conditional' z = mu(Y) + T sigma(Y) eps; decodes them
+a cVAE trained with '--prior conditional' z = mu(Y) + T sigma(Y) eps; or, with
+'--latent posterior', from the encoder's posterior over the training structures whose
+property lies within about a bandwidth of Y (z = mu_i + T sigma_i eps); decodes them
 conditioned on the target and writes a fingerprint file that 'structrecon invert' reads, with the
 composition and cell of the training data, names gen_Y_k and the property prop_target.
 With --surrogate, the generated fingerprints are scored by a trained surrogate: MAE to
@@ -25,6 +27,20 @@ def add_arguments(p):
         metavar="T",
         help="z ~ N(0, T^2 I) (conditional prior: mu + T sigma eps); T < 1 follows the "
         "target more closely, less diverse (1)",
+    )
+    p.add_argument(
+        "--latent",
+        choices=["prior", "posterior"],
+        default="prior",
+        help="where z comes from: the prior (the paper), or the posterior of training "
+        "structures near the target, drawn with weight exp(-(y_i - Y)^2 / 2 H^2) (prior)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        metavar="H",
+        help="--latent posterior: kernel width in property units (0.2 standard deviations "
+        "of the training property)",
     )
     p.add_argument("--surrogate", metavar="MODEL_DIR", help="score samples with this surrogate")
     p.add_argument(
@@ -53,7 +69,16 @@ def run(args) -> int:
         surrogate.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
     ):
         raise StructreconError("the surrogate was trained on another fingerprint spec")
-    X = cvae.generate(args.target, args.n, seed=args.seed, temperature=args.temperature)
+    if args.bandwidth is not None and args.latent != "posterior":
+        raise StructreconError("--bandwidth applies to --latent posterior only")
+    X = cvae.generate(
+        args.target,
+        args.n,
+        seed=args.seed,
+        temperature=args.temperature,
+        latent=args.latent,
+        bandwidth=args.bandwidth,
+    )
     label = f"{args.target:g}"
     fset = FingerprintSet(
         spec=cvae.fingerprint_spec,

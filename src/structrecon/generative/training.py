@@ -3,7 +3,9 @@
 A model directory holds ``model.pt`` (a ``state_dict``, read with
 ``torch.load(weights_only=True)``), ``spec.json`` (model spec, fingerprint spec,
 normalisation, property name, composition, cell, pbc, training history) and
-``loss.png`` (training and validation loss per epoch).
+``loss.png`` (training and validation loss per epoch); a cVAE's directory also holds
+``posterior.npz`` (its encoder's posterior over the training structures, for
+``generate(latent="posterior")``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class TrainedModel:
     pbc: np.ndarray
     history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # cVAE only: q(z | x, y) over the training structures, normalised units:
+    # "mu", "logvar" [n_train, latent] and "y" [n_train]
+    posterior: dict[str, np.ndarray] | None = None
 
     @property
     def kind(self) -> str:
@@ -136,6 +141,8 @@ class TrainedModel:
             "info": self.info,
         }
         (d / "spec.json").write_text(json.dumps(meta, indent=1))
+        if self.posterior is not None:
+            np.savez(d / "posterior.npz", **self.posterior)
         if self.history.get("train"):
             plot_losses(self.history, d / "loss.png", title=f"{self.kind} training")
         return d
@@ -177,12 +184,25 @@ class TrainedModel:
         return self.predict(features(self.fingerprint_spec, frames))
 
     def generate(
-        self, target: float, n: int, seed: int | None = 0, temperature: float = 1.0
+        self,
+        target: float,
+        n: int,
+        seed: int | None = 0,
+        temperature: float = 1.0,
+        *,
+        latent: str = "prior",
+        bandwidth: float | None = None,
     ) -> np.ndarray:
         """CVAE only: ``n`` fingerprints [n, F] for property ``target`` (property units).
 
-        z ~ N(0, temperature^2 I) is decoded conditioned on the normalised target, then
-        de-normalised; a temperature below 1 trades diversity for fidelity to the target.
+        ``latent="prior"``: z from the prior at ``temperature`` T (z ~ N(0, T^2 I), or
+        mu(y) + T sigma(y) eps for a conditional prior).  ``latent="posterior"``: z from
+        the encoder's posterior over the training structures whose property lies near the
+        target, an ex-post estimate of p(z | y) (cf. Ghosh et al. 2020): a training
+        structure i is drawn with probability ~ exp(-(y_i - target)^2 / (2 h^2)), h =
+        ``bandwidth`` (property units; default 0.2 standard deviations of the training
+        property), and z = mu_i + T sigma_i eps.  Either z is decoded conditioned on the
+        target and de-normalised; T below 1 trades diversity for fidelity to the target.
         """
         if not isinstance(self.model, CVAE):
             raise StructreconError("this model is a surrogate, not a cVAE")
@@ -192,11 +212,45 @@ class TrainedModel:
             raise StructreconError(f"target must be finite, got {target}")
         if not (np.isfinite(temperature) and temperature > 0):
             raise StructreconError(f"temperature must be > 0, got {temperature}")
+        if latent not in ("prior", "posterior"):
+            raise StructreconError(f"latent must be 'prior' or 'posterior', got '{latent}'")
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
         y = torch.full((n, 1), float(self.normaliser.y(target)), dtype=torch.float32)
         self.model.eval()
-        x = self.model.sample(y, generator=gen, temperature=float(temperature)).double().numpy()
-        return self.normaliser.x_inverse(x)
+        if latent == "prior":
+            x = self.model.sample(y, generator=gen, temperature=float(temperature))
+        else:
+            z = self._posterior_latents(float(target), n, gen, float(temperature), bandwidth)
+            with torch.no_grad():
+                x = self.model.decode(z, y)
+        return self.normaliser.x_inverse(x.double().numpy())
+
+    def _posterior_latents(self, target, n, gen, temperature, bandwidth) -> torch.Tensor:
+        """Z [n, latent] drawn from the posteriors of training structures near ``target``."""
+        post = self.posterior
+        if post is None:
+            raise StructreconError(
+                "this cVAE has no stored posterior (posterior.npz; models trained before "
+                "it was saved): retrain it, or sample the prior"
+            )
+        y_std = self.normaliser.y_std
+        h = 0.2 if bandwidth is None else float(bandwidth) / y_std  # normalised units
+        if not (np.isfinite(h) and h > 0):
+            raise StructreconError(f"bandwidth must be > 0, got {bandwidth}")
+        dist = (np.asarray(post["y"], dtype=float) - float(self.normaliser.y(target))) / h
+        if np.abs(dist).min() > 4.0:
+            lo, hi = self.normaliser.y_inverse([post["y"].min(), post["y"].max()])
+            raise StructreconError(
+                f"target {target:g} is more than 4 bandwidths ({4 * h * y_std:.3g}) from "
+                f"every training structure's {self.prop_name} ({lo:.4g} to {hi:.4g}): "
+                "sample the prior or give a larger bandwidth"
+            )
+        p = torch.softmax(torch.as_tensor(-0.5 * dist**2), dim=0)
+        idx = torch.multinomial(p, n, replacement=True, generator=gen)
+        mu = torch.as_tensor(post["mu"], dtype=torch.float32)[idx]
+        sigma = torch.exp(0.5 * torch.as_tensor(post["logvar"], dtype=torch.float32)[idx])
+        eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype)
+        return mu + temperature * sigma * eps
 
 
 def load_model(directory: str | Path, kind: str | None = None) -> TrainedModel:
@@ -235,7 +289,24 @@ def load_model(directory: str | Path, kind: str | None = None) -> TrainedModel:
         pbc=np.asarray(meta["pbc"], dtype=bool),
         history=meta.get("history", {}),
         info=meta.get("info", {}),
+        posterior=_read_posterior(d / "posterior.npz", model),
     )
+
+
+def _read_posterior(path: Path, model) -> dict[str, np.ndarray] | None:
+    """The stored posterior of a cVAE (None if absent); errors are one line."""
+    if not isinstance(model, CVAE) or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            post = {k: np.asarray(f[k], dtype=float) for k in ("mu", "logvar", "y")}
+    except (OSError, KeyError, ValueError) as err:
+        raise StructreconError(f"cannot read {path}: {err}") from None
+    d = model.spec.latent
+    n = len(post["y"])
+    if post["mu"].shape != (n, d) or post["logvar"].shape != (n, d) or n == 0:
+        raise StructreconError(f"{path} does not match the model (latent {d})")
+    return post
 
 
 def train(
@@ -312,6 +383,15 @@ def train(
         else:
             bar.set_postfix(train=f"{history['train'][-1]:.4g}")
     model.eval()
+    posterior = None
+    if isinstance(model, CVAE):
+        with torch.no_grad():
+            mu, logvar = model.encode(x_tr, y_tr)
+        posterior = {
+            "mu": mu.double().numpy(),
+            "logvar": logvar.double().numpy(),
+            "y": y_tr[:, 0].double().numpy(),
+        }
     info = {
         "seed": seed,
         "split_seed": seed if split_seed is None else split_seed,
@@ -329,6 +409,7 @@ def train(
         pbc=np.asarray(data.pbc, dtype=bool).reshape(3),
         history=history,
         info=info,
+        posterior=posterior,
     )
 
 
