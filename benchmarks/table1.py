@@ -89,6 +89,7 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
             seed=init + 1 + k,
             temperature=temperature,
             latent=args.latent,
+            bandwidth=args.bandwidth,
         )
         t_gen += time.perf_counter() - t0
         generated[float(target)] = X
@@ -173,6 +174,11 @@ def main():
         help="z from the prior (the paper) or from the posterior of the training structures "
         "near the target (generate --latent posterior)",
     )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        help="--latent posterior: kernel width, eV/atom (0.2 standard deviations of E_form)",
+    )
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument(
         "--temperature",
@@ -206,6 +212,8 @@ def main():
         tag += f"_{args.prior}"
     if args.latent != "prior":
         tag += f"_{args.latent}"
+    if args.bandwidth is not None:
+        tag += f"_bw{args.bandwidth:g}"
     if args.judge != "heldout":
         tag += f"_judge{args.judge}"
     if args.seed:
