@@ -216,8 +216,12 @@ def test_posterior_sampling_draws_training_latents_near_the_target(tmp_path):
     again = back.generate(target, 5, seed=0, temperature=1e-6, latent="posterior", bandwidth=1e-9)
     np.testing.assert_array_equal(got, again)
     (d / "posterior.npz").unlink()
+    old = load_model(d, "cvae")
     with pytest.raises(StructreconError, match="no stored posterior"):
-        load_model(d, "cvae").generate(target, 5, latent="posterior")
+        old.generate(target, 5, latent="posterior")
+    cvae.save(tmp_path / "other")
+    old.save(tmp_path / "other")  # over another model's directory: its posterior goes
+    assert not (tmp_path / "other" / "posterior.npz").exists()
     assert train(data, SurrogateSpec(n_features=380, epochs=1), progress=False).posterior is None
 
 

@@ -143,6 +143,8 @@ class TrainedModel:
         (d / "spec.json").write_text(json.dumps(meta, indent=1))
         if self.posterior is not None:
             np.savez(d / "posterior.npz", **self.posterior)
+        else:  # a stale one from another model must not be read as this model's
+            (d / "posterior.npz").unlink(missing_ok=True)
         if self.history.get("train"):
             plot_losses(self.history, d / "loss.png", title=f"{self.kind} training")
         return d
