@@ -81,6 +81,13 @@ def main(argv=None):
         "--temperature", type=float, default=1.0, help="latent temperature of generate (1)"
     )
     p.add_argument(
+        "--latent",
+        default="prior",
+        choices=["prior", "posterior"],
+        help="generate --latent: z from the prior (the paper) or from the posterior of the "
+        "training structures near the condition",
+    )
+    p.add_argument(
         "--refine",
         type=int,
         default=0,
@@ -280,7 +287,7 @@ def main(argv=None):
     lines.append(
         f"{len(e_form)} EMT frames (furthest-point subset of {args.relaxations} relaxations), "
         f"cVAE beta {args.beta}, {args.epochs} epochs; {args.samples} samples per target "
-        f"at latent temperature {args.temperature:g}; "
+        f"at latent temperature {args.temperature:g}, z from the {args.latent}; "
         f"screen: the {100 * args.screen_keep:.0f}% of samples with the lowest reconstruction "
         f"fingerprint RMSD; surrogate screen: the structures whose own fingerprint the "
         f"surrogate predicts within +-{args.surrogate_window:g} of the target. Data built in {t_data:.0f} s; "
@@ -340,6 +347,7 @@ def generate_and_invert(args, cli, model, condition, n, seed, gen, rec):
     cli(
         ["generate", str(model), "--target", str(condition), "-n", str(n), "-o", str(gen)]
         + ["--seed", str(seed), "--temperature", str(args.temperature)]
+        + ["--latent", args.latent]
     )
     t0 = time.perf_counter()
     cli(
