@@ -342,9 +342,8 @@ def train(
             "pooled fingerprints [B, F]"
         )
     torch.manual_seed(seed)
-    tr, va = split_indices(
-        len(data.prop), spec.train_fraction, seed if split_seed is None else split_seed
-    )
+    split_seed = seed if split_seed is None else split_seed
+    tr, va = split_indices(len(data.prop), spec.train_fraction, split_seed)
     # per atom: one set of statistics per feature over all atoms (the atoms are alike)
     fit_x = data.fingerprints[tr].reshape(-1, data.fingerprints.shape[-1])
     norm = Normaliser.fit(fit_x, data.prop[tr])
@@ -396,7 +395,7 @@ def train(
         }
     info = {
         "seed": seed,
-        "split_seed": seed if split_seed is None else split_seed,
+        "split_seed": split_seed,
         "n_train": int(len(tr)),
         "n_validation": int(len(va)),
         "seconds": round(time.perf_counter() - t0, 2),
