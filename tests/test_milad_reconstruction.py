@@ -191,6 +191,44 @@ def test_atoms_fitted_order_by_order_reach_the_target():
     assert (run.score(x0, w, rows) > 1e-2).all()
 
 
+def test_later_rounds_start_from_each_attempts_best_atoms(monkeypatch):
+    atoms = centred("CH3OH")
+    spec = preset("milad")
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=0.0
+    )
+    strategy = MiladReconstruction(trials=1, rounds=4, initial="random")
+    run = _Run(strategy, problem, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    shapes = [torch.randn(1, len(atoms), 3, generator=gen, dtype=torch.float64) for _ in range(4)]
+    rmsds = iter([1.0, 2.0, 0.5, 3.0])  # round 1 is worse than round 0, round 2 best
+    starts, made = [], iter(shapes)
+
+    def fit_moments(self, model, phi, generator, *, start=None):
+        starts.append(start)
+        return torch.zeros(phi.shape[0], model.n_moments, dtype=phi.dtype), torch.ones(1)
+
+    monkeypatch.setattr(MiladReconstruction, "fit_moments", fit_moments)
+    monkeypatch.setattr(run, "atoms_round", lambda y, tg: (next(made), run.given_w[None]))
+    monkeypatch.setattr(run, "finish", lambda x, w, tg: (x, w))
+    monkeypatch.setattr(
+        run, "fingerprint_rmsd", lambda x, w, tg: torch.tensor([next(rmsds)], dtype=x.dtype)
+    )
+    out = run.outcome()
+
+    def moments_of(x):
+        return run.model.moments(x, run.given_w[None])
+
+    assert starts[0] is None
+    assert torch.equal(starts[1], moments_of(shapes[0]))
+    # round 1 was worse, so round 2 starts from round 0's atoms again, not round 1's
+    assert torch.equal(starts[2], moments_of(shapes[0]))
+    assert not torch.allclose(starts[2], moments_of(shapes[1]))
+    assert torch.equal(starts[3], moments_of(shapes[2]))
+    assert out.fingerprint_rmsd[0] == 0.5 and np.allclose(out.positions[0], shapes[2][0])
+
+
 def test_recentre_moves_attempts_into_the_fingerprints_frame():
     atoms = centred("CH3CH2OH")
     spec = FingerprintSpec(descriptor=MiladSpec(cutoff=5.0, centre="miniball"), pooling="none")

@@ -649,10 +649,11 @@ class MiladReconstruction:
     trials : independent attempts per target (Uhrin: 3), run as one batch; a target is
         done as soon as one attempt reaches the problem's ``tol``.
     rounds : alternations of the moments and atoms fits per attempt (Fig. 4); a round
-        after the first starts the moments fit from the moments of the atoms found (but
-        see ``initial``).  Rounds run only for targets still open, so more of them cost
-        time only on failures: on the paper's 77 QM9 molecules (positions) 8 rounds
-        solved two that 4 did not (README).
+        after the first starts the moments fit from the moments of the best atoms the
+        attempt has found so far, by fingerprint RMSD (but see ``initial``).  Rounds
+        run only for targets still open, so more of them cost time only on failures:
+        on the paper's 77 QM9 molecules (positions) 8 rounds solved two that 4 did not
+        (README).
     retries : random restarts of each new moment order, fitted side by side, the best
         kept (Algorithm 1's max_retries).
     moment_steps, atom_steps, polish_steps : Levenberg-Marquardt iterations for the
@@ -1436,6 +1437,9 @@ class _Run:
         done = torch.zeros(t_count, dtype=torch.bool)
         x_cur = torch.zeros(t_count * k_att, n, 3, dtype=dtype)
         w_cur = self.start_weights(t_count * k_att)
+        # each attempt's best fingerprint RMSD so far: later rounds start from its best
+        # atoms, not from its last ones
+        att_rmsd = torch.full((t_count * k_att,), math.inf, dtype=dtype)
         for rnd in range(s.rounds):
             live = torch.nonzero(~done[att_target]).flatten()
             if live.numel() == 0:
@@ -1450,11 +1454,14 @@ class _Run:
             y, moment_rmsd = s.fit_moments(model, self.phi[tg], self.gen, start=y0)
             x, w = self.atoms_round(y, tg)
             x, w = self.finish(x, w, tg)
-            x_cur[live], w_cur[live] = x, w
+            x_round, w_round = x, w
             if self.two:
                 x, w, rmsd = self.species_second(x, tg)
             else:
                 rmsd = self.fingerprint_rmsd(x, w, tg)
+            up = rmsd < att_rmsd[live]
+            x_cur[live[up]], w_cur[live[up]] = x_round[up], w_round[up]
+            att_rmsd[live[up]] = rmsd[up]
             _LOG.debug(
                 "round %d: moments %s, fingerprint %s",
                 rnd,
