@@ -57,6 +57,7 @@ from structrecon import StructreconError
 from structrecon.descriptors import FingerprintSpec, MiladSpec, describe
 from structrecon.evaluate import structure_rmsd
 from structrecon.inversion import MiladReconstruction, Repulsion, Target, invert
+from structrecon.inversion.milad import MOLECULAR_R_MIN
 
 torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
@@ -135,7 +136,7 @@ def fp_rmsd(spec, atoms, target):
     return float(np.sqrt(np.mean((describe(spec, [atoms])[0] - target) ** 2)))
 
 
-def run_ours(atoms, mode, attempts, seed, rounds, r_min=0.55):
+def run_ours(atoms, mode, attempts, seed, rounds, r_min=None):
     unit, weighted = specs()
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
     if mode == "positions":
@@ -163,7 +164,7 @@ def run_ours(atoms, mode, attempts, seed, rounds, r_min=0.55):
         seed=seed,
         tol=TOL,
         species_spec=species_spec,
-        repulsion=Repulsion(r_min=r_min),
+        repulsion=None if r_min is None else Repulsion(r_min=r_min),
     )
     seconds = time.perf_counter() - t0
     got = res.atoms
@@ -277,7 +278,7 @@ def write_report(records, args, out):
         "",
         f"Sizes {args.sizes[0]}-{args.sizes[-1]}, {args.per_size} per size, seed {args.seed}, "
         f"{args.attempts} attempts, {args.rounds} rounds, our repulsion r_min "
-        f"{args.r_min} A, one thread.  Success: fingerprint RMSD < {TOL:g} / "
+        f"{args.r_min or MOLECULAR_R_MIN} A, one thread.  Success: fingerprint RMSD < {TOL:g} / "
         f"aligned RMSD < {STRUCT_TOL} A (mirror allowed; species must be right).",
         "",
         "| code | mode | molecules | fp < 1e-6 | struct < 0.1 A | median s | mean s |",
@@ -377,8 +378,8 @@ def main():
     parser.add_argument(
         "--r-min",
         type=float,
-        default=0.55,
-        help="our repulsion radius, Angstrom (0.55, the paper's; the milad package keeps it)",
+        help="our repulsion radius, Angstrom (default: the milad method's, 0.9; the paper "
+        "and the milad package: 0.55)",
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--skip-milad", action="store_true")

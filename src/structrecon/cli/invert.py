@@ -98,7 +98,8 @@ def add_arguments(p):
         type=float,
         default=0.0,
         metavar="R_MIN",
-        help="add Uhrin's short-range repulsion (eq. 35) below R_MIN Angstrom (default off)",
+        help="add Uhrin's short-range repulsion (eq. 35) below R_MIN Angstrom (default off; "
+        "the milad method always has it, at 0.9 unless given)",
     )
     p.add_argument(
         "--batch", type=int, default=8, help="targets inverted together per batch (default 8)"
