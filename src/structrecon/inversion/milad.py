@@ -69,14 +69,12 @@ __all__ = ["MiladReconstruction", "MiladModel", "batched_lm"]
 
 SPECIES_MODES = ("given", "fit")
 INITIAL_MODES = ("auto", "orders", "random")
+# the default repulsion radius of the milad method, Angstrom (the paper: 0.55)
+MOLECULAR_R_MIN = 0.9
 _LOG = logging.getLogger(__name__)
 
 
 # -- the model: moments, invariants, densities, with Jacobians ----------------------------
-
-
-# the default repulsion radius of the milad method, Angstrom (the paper: 0.55)
-MOLECULAR_R_MIN = 0.9
 
 
 class MiladModel:
