@@ -78,7 +78,7 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
     """Samples per target at one latent temperature, judged by the surrogate; writes
     table1_TAG.md/.json and returns {target: samples}."""
     t_cvae, t_sur = times
-    init = args.seed if args.init_seed is None else args.init_seed
+    init = args.init_seed  # resolved in main
     spread_data = cvae.normaliser.x(data.fingerprints).std(axis=0).mean()
     rows, generated, t_gen = [], {}, 0.0
     for k, target in enumerate(TARGETS):
@@ -218,9 +218,9 @@ def main():
         tag += f"_judge{args.judge}"
     if args.seed:
         tag += f"_seed{args.seed}"
-    init = args.seed if args.init_seed is None else args.init_seed
     if args.init_seed is not None:
-        tag += f"_init{init}"
+        tag += f"_init{args.init_seed}"
+    init = args.init_seed = args.seed if args.init_seed is None else args.init_seed
 
     data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
 
