@@ -211,6 +211,8 @@ def test_posterior_sampling_draws_training_latents_near_the_target(tmp_path):
         cvae.generate(5.0, 5, latent="posterior")
     with pytest.raises(StructreconError, match="latent must be"):
         cvae.generate(target, 5, latent="aggregate")
+    with pytest.raises(StructreconError, match="bandwidth applies to latent='posterior' only"):
+        cvae.generate(target, 5, latent="prior", bandwidth=0.05)
     d = cvae.save(tmp_path / "c")
     back = load_model(d, "cvae")
     again = back.generate(target, 5, seed=0, temperature=1e-6, latent="posterior", bandwidth=1e-9)

@@ -216,6 +216,8 @@ class TrainedModel:
             raise StructreconError(f"temperature must be > 0, got {temperature}")
         if latent not in ("prior", "posterior"):
             raise StructreconError(f"latent must be 'prior' or 'posterior', got '{latent}'")
+        if bandwidth is not None and latent != "posterior":
+            raise StructreconError("a bandwidth applies to latent='posterior' only")
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
         y = torch.full((n, 1), float(self.normaliser.y(target)), dtype=torch.float32)
         self.model.eval()
