@@ -345,7 +345,7 @@ def test_cli_train_generate(tmp_path, capsys):
     assert main(args + ["--latent", "posterior", "--bandwidth", "0.1"]) == 0
     assert read_fingerprints(post).fingerprints.shape == (3, 380)
     assert main(args + ["--bandwidth", "0.1"]) == 1  # the prior has no bandwidth
-    assert "--latent posterior only" in capsys.readouterr().err
+    assert "bandwidth applies to latent='posterior' only" in capsys.readouterr().err
 
 
 def test_structures_db_train_and_validate(tmp_path, capsys):

@@ -69,8 +69,6 @@ def run(args) -> int:
         surrogate.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
     ):
         raise StructreconError("the surrogate was trained on another fingerprint spec")
-    if args.bandwidth is not None and args.latent != "posterior":
-        raise StructreconError("--bandwidth applies to --latent posterior only")
     X = cvae.generate(
         args.target,
         args.n,
