@@ -278,7 +278,7 @@ def write_report(records, args, out):
         "",
         f"Sizes {args.sizes[0]}-{args.sizes[-1]}, {args.per_size} per size, seed {args.seed}, "
         f"{args.attempts} attempts, {args.rounds} rounds, our repulsion r_min "
-        f"{args.r_min or MOLECULAR_R_MIN} A, one thread.  Success: fingerprint RMSD < {TOL:g} / "
+        f"{MOLECULAR_R_MIN if args.r_min is None else args.r_min} A, one thread.  Success: fingerprint RMSD < {TOL:g} / "
         f"aligned RMSD < {STRUCT_TOL} A (mirror allowed; species must be right).",
         "",
         "| code | mode | molecules | fp < 1e-6 | struct < 0.1 A | median s | mean s |",
