@@ -409,6 +409,8 @@ def main():
     )
     parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args()
+    if args.r_min is not None and not args.r_min > 0:
+        parser.error(f"--r-min must be > 0, got {args.r_min}")
     args.sizes = sorted(set(args.sizes))
     molecules = qm9_molecules(args.sizes, args.per_size, args.seed)
     print(f"{len(molecules)} molecules", flush=True)
