@@ -28,7 +28,14 @@ from structrecon.inversion import (
     get_strategy,
     invert,
 )
-from structrecon.inversion.milad import _centring, _pair_moves, _Run, _snap_weights
+from structrecon.inversion.milad import (
+    _bond_assignment,
+    _centring,
+    _pair_moves,
+    _Run,
+    _snap_weights,
+    valence_compositions,
+)
 from structrecon.inversion.strategies import Problem
 
 TOL = 1e-6
@@ -382,6 +389,110 @@ def test_species_walk_corrects_elements_the_positions_adapted_to(walk):
         assert torch.equal(w2, wrong)
 
 
+SPECIES_W = {1: 1.1, 6: 1.3, 8: 1.5, 7: 1.7, 9: 1.9}  # the milad-species preset's
+
+
+@pytest.mark.parametrize("formula", ["C2H6O", "C2H5NO", "C9H20", "C7H10N2"])
+def test_valence_compositions_against_brute_force(formula):
+    counts = Atoms(formula).symbols.formula.count()
+    z = {"H": 1, "C": 6, "O": 8, "N": 7, "F": 9}
+    n = sum(counts.values())
+    total = sum(SPECIES_W[z[e]] * c for e, c in counts.items())
+    species, weights = list(SPECIES_W), list(SPECIES_W.values())
+    valence = {1: 1, 6: 4, 8: 2, 7: 3, 9: 1}
+    want = set()
+    for c in np.ndindex(*(n + 1,) * 4):  # H, C, O, N; F takes the rest
+        c = (*c, n - sum(c))
+        if c[-1] < 0 or abs(np.dot(c, weights) - total) > 0.05:
+            continue
+        bonds = sum(ci * valence[zi] for ci, zi in zip(c, species))
+        if bonds % 2 == 0 and bonds >= 2 * (n - 1):
+            want.add(c)
+    got = {tuple(c) for c in valence_compositions(n, total, species, weights).tolist()}
+    assert got == want
+    truth = tuple(counts.get(e, 0) for e in ("H", "C", "O", "N", "F"))
+    assert truth in got
+    if formula == "C9H20":
+        # C7H21O weighs the same but has 51 valences, too few to connect 29 atoms
+        assert abs(np.dot((21, 7, 1, 0, 0), weights) - total) < 1e-9
+        assert got == {truth}
+    # an element without a valence in the table: no candidates at all
+    assert len(valence_compositions(n, total, species + [26], weights + [2.1])) == 0
+
+
+def test_bond_assignment_puts_hydrogens_on_the_terminal_atoms():
+    atoms = centred("C3H8")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.tensor(atoms.positions) + 0.1 * torch.randn(len(atoms), 3, generator=gen)
+    truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)
+    # fitted weights that do not tell the elements apart
+    w_fit = 1.2 + 0.05 * torch.randn(len(atoms), generator=gen, dtype=torch.float64)
+    composition = truth.sort().values
+    got = _bond_assignment(x, w_fit, composition, light=8)
+    assert torch.equal(got, truth)
+    # control: by the fitted weights' rank alone, the elements come out wrong
+    assert not torch.equal(_bond_assignment(x, w_fit, composition, light=0), truth)
+
+
+def test_bond_candidates_rescue_a_near_miss():
+    atoms = centred("CH3CH2OH")
+    n = len(atoms)
+    spec = preset("milad-species")
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=TOL
+    )
+    run = _Run(MiladReconstruction(species="fit"), problem, torch.Generator().manual_seed(0))
+    rows = torch.zeros(1, dtype=torch.long)
+    truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)[None]
+    # a round's state near the molecule: atoms 0.1 A off, weights 0.1 off
+    gen = torch.Generator().manual_seed(2)
+    x_fit = torch.tensor(atoms.positions)[None]
+    x_fit = x_fit + 0.1 * torch.randn(1, n, 3, generator=gen, dtype=torch.float64)
+    w_fit = truth + 0.1 * torch.randn(1, n, generator=gen, dtype=torch.float64)
+    # control: the rank of the fitted weights (4 atoms wrong), positions refitted, a miss
+    w_rank = run.discretise(w_fit, rows)
+    assert int(((w_rank - truth).abs() > 1e-9).sum()) == 4
+    x, before = run.refit(x_fit, w_rank, rows, 300)
+    assert before > 1e-4
+    x2, w2 = run.bond_candidates(x, w_rank, x_fit, w_fit, rows)
+    assert torch.equal(w2, truth)
+    assert run.score(x2, w2, rows) < 1e-6
+    # the longer polish that ends a round takes it the rest of the way
+    x3, after = run.refit(x2, w2, rows, 1000)
+    assert after < 1e-10
+    assert structure_rmsd(atoms, Atoms(atoms.numbers, positions=x3[0].numpy())) < 1e-4
+
+
+@pytest.mark.parametrize("cycles", [2, 1])
+def test_a_second_bond_cycle_reads_the_graph_of_the_refitted_atoms(cycles):
+    atoms = centred("CH3CH2OH")
+    n = len(atoms)
+    spec = preset("milad-species")
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=TOL
+    )
+    strategy = MiladReconstruction(species="fit", bond_cycles=cycles)
+    run = _Run(strategy, problem, torch.Generator().manual_seed(0))
+    rows = torch.zeros(1, dtype=torch.long)
+    truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)[None]
+    # atoms 0.25 A off: the graph of these atoms puts some elements wrong
+    gen = torch.Generator().manual_seed(4)
+    x_fit = torch.tensor(atoms.positions)[None]
+    x_fit = x_fit + 0.25 * torch.randn(1, n, 3, generator=gen, dtype=torch.float64)
+    w_fit = truth + 0.1 * torch.randn(1, n, generator=gen, dtype=torch.float64)
+    w_rank = run.discretise(w_fit, rows)
+    x, _ = run.refit(x_fit, w_rank, rows, 300)
+    x2, w2 = run.bond_candidates(x, w_rank, x_fit, w_fit, rows)
+    if cycles == 2:  # the graph of the refitted atoms is right
+        assert torch.equal(w2, truth)
+        assert run.score(x2, w2, rows) < 1e-8
+    else:  # control: one cycle stops at the first graph's elements
+        assert not torch.equal(w2, truth)
+        assert run.score(x2, w2, rows) > 1e-5
+
+
 def test_known_composition_with_species_weights_orders_the_atoms():
     atoms = centred("CH3OH")
     spec = preset("milad-species")
@@ -475,6 +586,11 @@ def test_cli_species_options(tmp_path, capsys):
     assert sorted(got.numbers) == [1, 1, 8] and got.info["converged"]
     code = main(
         ["invert", str(tmp_path / "fp.npz"), "-o", str(tmp_path / "x.extxyz"), "--fit-species"]
+    )
+    assert code != 0
+    assert "need --method milad" in capsys.readouterr().err
+    code = main(
+        ["invert", str(tmp_path / "fp.npz"), "-o", str(tmp_path / "x.extxyz"), "--no-bonds"]
     )
     assert code != 0
     assert "need --method milad" in capsys.readouterr().err

@@ -80,6 +80,13 @@ def add_arguments(p):
         help="milad: species unknown; fit them from the (species-weighted) fingerprint",
     )
     p.add_argument(
+        "--no-bonds",
+        action="store_true",
+        help="milad: map fitted weights to elements by weight alone, without the candidates "
+        "from the bonding graph (which assume the usual valences of H, B, C, N, O, F, Si, P, "
+        "S, Cl, Br, I)",
+    )
+    p.add_argument(
         "--species-fingerprints",
         metavar="FP2",
         help="milad: second fingerprint file of the same structures that encodes species "
@@ -145,11 +152,15 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             options[field] = value
-    if args.fit_species or args.species_fingerprints:
+    if args.fit_species or args.species_fingerprints or args.no_bonds:
         if args.method != "milad":
-            raise StructreconError("--fit-species and --species-fingerprints need --method milad")
+            raise StructreconError(
+                "--fit-species, --species-fingerprints and --no-bonds need --method milad"
+            )
         if args.fit_species:
             options["species"] = "fit"
+        if args.no_bonds:
+            options["bonds"] = False
     strategy = get_strategy(args.method, **options)
     species_fps = (
         read_fingerprints(args.species_fingerprints) if args.species_fingerprints else None
