@@ -434,7 +434,9 @@ def test_bond_assignment_puts_hydrogens_on_the_terminal_atoms():
     assert not torch.equal(_bond_assignment(x, w_fit, composition, light=0), truth)
 
 
-def test_bond_candidates_rescue_a_near_miss():
+def ethanol_near_miss(off, seed, **options):
+    """A species-fit run on ethanol and a round's state near it: atoms ``off`` A and
+    weights 0.1 off, the weights' rank as elements, the positions refitted to those."""
     atoms = centred("CH3CH2OH")
     n = len(atoms)
     spec = preset("milad-species")
@@ -442,18 +444,23 @@ def test_bond_candidates_rescue_a_near_miss():
     problem = Problem(
         fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=TOL
     )
-    run = _Run(MiladReconstruction(species="fit"), problem, torch.Generator().manual_seed(0))
+    strategy = MiladReconstruction(species="fit", **options)
+    run = _Run(strategy, problem, torch.Generator().manual_seed(0))
     rows = torch.zeros(1, dtype=torch.long)
     truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)[None]
-    # a round's state near the molecule: atoms 0.1 A off, weights 0.1 off
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(seed)
     x_fit = torch.tensor(atoms.positions)[None]
-    x_fit = x_fit + 0.1 * torch.randn(1, n, 3, generator=gen, dtype=torch.float64)
+    x_fit = x_fit + off * torch.randn(1, n, 3, generator=gen, dtype=torch.float64)
     w_fit = truth + 0.1 * torch.randn(1, n, generator=gen, dtype=torch.float64)
-    # control: the rank of the fitted weights (4 atoms wrong), positions refitted, a miss
     w_rank = run.discretise(w_fit, rows)
+    x, score = run.refit(x_fit, w_rank, rows, 300)
+    return atoms, run, rows, truth, (x_fit, w_fit), (x, w_rank, score)
+
+
+def test_bond_candidates_rescue_a_near_miss():
+    atoms, run, rows, truth, (x_fit, w_fit), (x, w_rank, before) = ethanol_near_miss(0.1, 2)
+    # control: the rank of the fitted weights (4 atoms wrong), positions refitted, a miss
     assert int(((w_rank - truth).abs() > 1e-9).sum()) == 4
-    x, before = run.refit(x_fit, w_rank, rows, 300)
     assert before > 1e-4
     x2, w2 = run.bond_candidates(x, w_rank, x_fit, w_fit, rows)
     assert torch.equal(w2, truth)
@@ -466,24 +473,10 @@ def test_bond_candidates_rescue_a_near_miss():
 
 @pytest.mark.parametrize("cycles", [2, 1])
 def test_a_second_bond_cycle_reads_the_graph_of_the_refitted_atoms(cycles):
-    atoms = centred("CH3CH2OH")
-    n = len(atoms)
-    spec = preset("milad-species")
-    fp = torch.as_tensor(describe(spec, [atoms])[0])
-    problem = Problem(
-        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=TOL
-    )
-    strategy = MiladReconstruction(species="fit", bond_cycles=cycles)
-    run = _Run(strategy, problem, torch.Generator().manual_seed(0))
-    rows = torch.zeros(1, dtype=torch.long)
-    truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)[None]
     # atoms 0.25 A off: the graph of these atoms puts some elements wrong
-    gen = torch.Generator().manual_seed(4)
-    x_fit = torch.tensor(atoms.positions)[None]
-    x_fit = x_fit + 0.25 * torch.randn(1, n, 3, generator=gen, dtype=torch.float64)
-    w_fit = truth + 0.1 * torch.randn(1, n, generator=gen, dtype=torch.float64)
-    w_rank = run.discretise(w_fit, rows)
-    x, _ = run.refit(x_fit, w_rank, rows, 300)
+    _, run, rows, truth, (x_fit, w_fit), (x, w_rank, _) = ethanol_near_miss(
+        0.25, 4, bond_cycles=cycles
+    )
     x2, w2 = run.bond_candidates(x, w_rank, x_fit, w_fit, rows)
     if cycles == 2:  # the graph of the refitted atoms is right
         assert torch.equal(w2, truth)

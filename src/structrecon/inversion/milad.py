@@ -1254,9 +1254,8 @@ class _Run:
         fitted weight; each candidate's positions are refitted ``polish_steps`` steps
         and the best replaces the attempt's if it matches the invariants better.  Where
         the graph of the refitted atoms assigns otherwise, that is refitted too, up to
-        ``bond_cycles`` refits in all.  On the
-        15 of the paper's 77 QM9 molecules that species from one fingerprint missed
-        without it, this solved ... (README).
+        ``bond_cycles`` refits in all.  On the paper's 77 QM9 molecules, species from
+        one fingerprint went from 62 to 68 solved (README).
         """
         s = self.s
         current = self.score(x, w, tg)
@@ -1287,9 +1286,7 @@ class _Run:
             if cycle == s.bond_cycles - 1:
                 break
             # the graph of the refitted atoms, where it differs: another cycle
-            again = [
-                _bond_assignment(xc[i], w_fit[own[i]], *comps[i]) for i in range(len(own))
-            ]
+            again = [_bond_assignment(xc[i], w_fit[own[i]], *comps[i]) for i in range(len(own))]
             changed = [i for i in range(len(own)) if (again[i] - wc[i]).abs().max() > 1e-9]
             if not changed:
                 break
