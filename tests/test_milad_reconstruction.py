@@ -434,6 +434,55 @@ def test_bond_assignment_puts_hydrogens_on_the_terminal_atoms():
     assert not torch.equal(_bond_assignment(x, w_fit, composition, light=0), truth)
 
 
+@pytest.mark.parametrize("name", ["CH3CH2OH", "CH3CH2NH2", "CH3CH2OCH3", "C3H9N"])
+def test_bond_assignment_by_valence_puts_oxygen_and_nitrogen_on_fewer_neighbours(name):
+    atoms = centred(name)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.tensor(atoms.positions) + 0.05 * torch.randn(len(atoms), 3, generator=gen)
+    truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)
+    # fitted weights with the heavy atoms' order reversed: the heteroatom lightest
+    w_fit = truth.clone()
+    heavy = torch.nonzero(truth > SPECIES_W[1]).flatten()
+    w_fit[heavy] = truth[heavy].max() + truth[heavy].min() - truth[heavy]
+    composition = truth.sort().values
+    light = int((atoms.numbers == 1).sum())
+    valence = [{1: 1, 6: 4, 7: 3, 8: 2}[z] for z in sorted(atoms.numbers, key=SPECIES_W.get)]
+    assert torch.equal(_bond_assignment(x, w_fit, composition, light, valence), truth)
+    # control: by the fitted weights' rank, the heavy elements come out wrong
+    assert not torch.equal(_bond_assignment(x, w_fit, composition, light), truth)
+
+
+def test_finish_judges_attempts_in_the_fingerprints_frame():
+    # a molecule reaching beyond the cutoff: moving the centre costs a lot of RMSD
+    atoms = centred("C3H8")
+    spec = FingerprintSpec(descriptor=MiladSpec(cutoff=2.0, centre="miniball"), pooling="none")
+    atoms.positions = _centring(torch.tensor(atoms.positions)[None], "miniball")[0][0].numpy()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.tensor(atoms.positions)[None] + 1e-5 * torch.randn(
+        1, len(atoms), 3, generator=gen, dtype=torch.float64
+    )
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    w = torch.ones(1, len(atoms), dtype=x.dtype)
+    rows = torch.zeros(1, dtype=torch.long)
+    probe = one_run(atoms, spec, 1)
+    score, framed = probe.score(x, w, rows), probe.fingerprint_rmsd(x, w, rows)
+    assert framed > 1.05 * score  # the fingerprint's frame is the stricter here
+    # a tolerance between the two: in the moments' frame the attempt looks done
+    tol = float(20 * score * framed / (score + framed))
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=tol
+    )
+    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    assert score < 0.1 * tol < framed
+    x2, w2 = run.finish(x.clone(), w.clone(), rows)
+    assert run.fingerprint_rmsd(x2, w2, rows) < 1e-10
+    # control: with the tolerance above both, the attempt is left as it is
+    problem.tol = float(20 * framed)
+    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    x3, _ = run.finish(x.clone(), w.clone(), rows)
+    assert torch.equal(x3, x)
+
+
 def ethanol_near_miss(off, seed, **options):
     """A species-fit run on ethanol and a round's state near it: atoms ``off`` A and
     weights 0.1 off, the weights' rank as elements, the positions refitted to those."""
