@@ -3,6 +3,8 @@ Jacobians against the descriptor; Prony and peak finding on exact moments; posit
 species of small molecules recovered from their fingerprints, with one and with two
 fingerprints; errors; negative controls."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,8 @@ from structrecon.inversion import (
 from structrecon.inversion.milad import (
     _bond_assignment,
     _centring,
+    _lewis_assignments,
+    _lewis_ok,
     _pair_moves,
     _Run,
     _snap_weights,
@@ -116,6 +120,34 @@ def test_prony_recovers_points_and_weights_from_exact_moments(model, rng):
     # negative control: Prony asked for fewer points than there are cannot fit them
     xs, _ = model.prony(y, n - 5, torch.Generator().manual_seed(0))
     assert torch.cdist(x[0], xs[0]).min(dim=1).values.max() > 0.05
+
+
+def test_the_invariants_cannot_tell_the_sign_of_an_odd_order(model, rng):
+    # every invariant of the shipped set has an even number of factors of each odd order
+    # n, so flipping all moments of order 1, 3 or 5 (7 too: with the others, that is the
+    # inversion) leaves all 117 unchanged; only one of the 8 such moment sets (up to
+    # inversion) belongs to atoms, so the invariants-to-moments fit has 7 false twins
+    n = 12
+    x = torch.tensor(rng.uniform(-2.5, 2.5, size=(1, n, 3)))
+    w = torch.tensor(rng.choice([1.1, 1.3, 1.5, 1.7, 1.9], size=(1, n)))
+    y = model.moments(x, w)
+    phi = model.invariants_of(y)
+    gen = torch.Generator().manual_seed(0)
+
+    def atoms_off(moments):  # how far Prony's atoms are from having these moments
+        xp, wp = model.prony(moments, n, gen)
+        return float((model.moments(xp, wp) - moments).abs().max() / moments.abs().max())
+
+    assert atoms_off(y) < 1e-6
+    for order in (1, 3, 5):
+        flipped = torch.where(model.order == order, -y, y)
+        assert torch.allclose(model.invariants_of(flipped), phi, rtol=1e-10, atol=1e-13)
+        assert atoms_off(flipped) > 1e-2
+    # controls: one block of an odd order, or an even order, does change them
+    one_block = torch.where((model.order == 3) & (model.block_l[model.block_of] == 1), -y, y)
+    even = torch.where(model.order == 2, -y, y)
+    for other in (one_block, even):
+        assert not torch.allclose(model.invariants_of(other), phi, rtol=1e-6, atol=1e-8)
 
 
 def test_peaks_find_well_separated_atoms(model):
@@ -452,6 +484,53 @@ def test_bond_assignment_by_valence_puts_oxygen_and_nitrogen_on_fewer_neighbours
     assert not torch.equal(_bond_assignment(x, w_fit, composition, light), truth)
 
 
+RING6 = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (0, 5)]
+
+
+@pytest.mark.parametrize(
+    "excess, edges, ok",
+    [
+        ([1, 1], [(0, 1)], True),  # C=C
+        ([2, 2], [(0, 1)], True),  # C#C
+        ([3, 3], [(0, 1)], False),  # no quadruple bonds
+        ([1, 0], [(0, 1)], False),  # a radical
+        ([1, 1, 1, 1], [(0, 1), (1, 2), (2, 3)], True),  # butadiene
+        ([1, 0, 1], [(0, 1), (1, 2)], False),  # free valences on atoms not bonded
+        ([1, 2, 1], [(0, 1), (1, 2)], True),  # O=C=O
+        ([1] * 6, RING6, True),  # benzene
+        ([1] * 5, RING6[:4] + [(0, 4)], False),  # an odd ring: one left over
+        ([-1, 1], [(0, 1)], False),  # more neighbours than valence
+    ],
+)
+def test_lewis_ok_pairs_free_valences_into_multiple_bonds(excess, edges, ok):
+    assert _lewis_ok(excess, edges) is ok
+
+
+@pytest.mark.parametrize("name", ["CH3CONH2", "C5H5N", "HCOOCH3", "CH3CN", "C4H4O", "CH3COOH"])
+def test_lewis_assignments_keep_the_molecule_and_drop_what_valences_forbid(name):
+    atoms = centred(name)
+    x = torch.tensor(atoms.positions)
+    truth = torch.tensor([SPECIES_W[z] for z in atoms.numbers], dtype=torch.float64)
+    composition = truth.sort().values
+    light = int((atoms.numbers == 1).sum())
+    valence = [{1: 1, 6: 4, 7: 3, 8: 2}[z] for z in sorted(atoms.numbers, key=SPECIES_W.get)]
+    # fitted weights with the heavy atoms' order reversed: they tell hydrogens apart only
+    w_fit = truth.clone()
+    heavy = torch.nonzero(truth > SPECIES_W[1]).flatten()
+    w_fit[heavy] = truth[heavy].max() + truth[heavy].min() - truth[heavy]
+    got = _lewis_assignments(x, w_fit, composition, light, valence)
+    assert any(torch.equal(row, truth) for row in got)
+    # every row has the composition, and the hydrogens where the molecule has them
+    assert torch.equal(got.sort(dim=1).values, composition.expand_as(got))
+    assert bool((got[:, atoms.numbers == 1] == SPECIES_W[1]).all())
+    # control: of all the ways to place the heavy elements, the valences rule some out
+    heavy = [int(z) for z in atoms.numbers if z != 1]
+    ways = math.factorial(len(heavy))
+    for z in set(heavy):
+        ways //= math.factorial(heavy.count(z))
+    assert len(got) < ways
+
+
 def test_finish_judges_attempts_in_the_fingerprints_frame():
     # a molecule reaching beyond the cutoff: moving the centre costs a lot of RMSD
     atoms = centred("C3H8")
@@ -486,7 +565,13 @@ def test_finish_judges_attempts_in_the_fingerprints_frame():
 def ethanol_near_miss(off, seed, **options):
     """A species-fit run on ethanol and a round's state near it: atoms ``off`` A and
     weights 0.1 off, the weights' rank as elements, the positions refitted to those."""
-    atoms = centred("CH3CH2OH")
+    return near_miss("CH3CH2OH", off, seed, **options)
+
+
+def near_miss(name, off, seed, *, reverse=False, **options):
+    """As :func:`ethanol_near_miss` for molecule ``name``; ``reverse``: the fitted weights
+    of the heavy atoms in reverse order (hydrogens still the lightest)."""
+    atoms = centred(name)
     n = len(atoms)
     spec = preset("milad-species")
     fp = torch.as_tensor(describe(spec, [atoms])[0])
@@ -501,6 +586,9 @@ def ethanol_near_miss(off, seed, **options):
     x_fit = torch.tensor(atoms.positions)[None]
     x_fit = x_fit + off * torch.randn(1, n, 3, generator=gen, dtype=torch.float64)
     w_fit = truth + 0.1 * torch.randn(1, n, generator=gen, dtype=torch.float64)
+    if reverse:
+        heavy = torch.nonzero(truth[0] > SPECIES_W[1]).flatten()
+        w_fit[0, heavy] = truth[0, heavy].max() + truth[0, heavy].min() - truth[0, heavy]
     w_rank = run.discretise(w_fit, rows)
     x, score = run.refit(x_fit, w_rank, rows, 300)
     return atoms, run, rows, truth, (x_fit, w_fit), (x, w_rank, score)
@@ -520,11 +608,30 @@ def test_bond_candidates_rescue_a_near_miss():
     assert structure_rmsd(atoms, Atoms(atoms.numbers, positions=x3[0].numpy())) < 1e-4
 
 
+@pytest.mark.parametrize("lewis", [24, 0])
+def test_lewis_candidates_rescue_what_neighbour_counts_leave_ambiguous(lewis):
+    # acetamide: the carbonyl C and the N both have three neighbours, and the fitted
+    # weights put the heavier element on the wrong one; only the valences pairing up
+    # into the C=O bond say which is which
+    _, run, rows, truth, (x_fit, w_fit), (x, w_rank, before) = near_miss(
+        "CH3CONH2", 0.05, 1, reverse=True, bond_lewis=lewis
+    )
+    assert not torch.equal(w_rank, truth)
+    assert before > 1e-4
+    x2, w2 = run.bond_candidates(x, w_rank, x_fit, w_fit, rows)
+    if lewis:
+        assert torch.equal(w2, truth)
+        assert run.score(x2, w2, rows) < 1e-6
+    else:  # control: the neighbour-count and weight-rank candidates stay wrong
+        assert not torch.equal(w2, truth)
+        assert run.score(x2, w2, rows) > 1e-5
+
+
 @pytest.mark.parametrize("cycles", [2, 1])
 def test_a_second_bond_cycle_reads_the_graph_of_the_refitted_atoms(cycles):
     # atoms 0.25 A off: the graph of these atoms puts some elements wrong
     _, run, rows, truth, (x_fit, w_fit), (x, w_rank, _) = ethanol_near_miss(
-        0.25, 4, bond_cycles=cycles
+        0.25, 4, bond_cycles=cycles, bond_lewis=0
     )
     x2, w2 = run.bond_candidates(x, w_rank, x_fit, w_fit, rows)
     if cycles == 2:  # the graph of the refitted atoms is right

@@ -77,6 +77,10 @@ _LOG = logging.getLogger(__name__)
 VALENCES = {1: 1, 5: 3, 6: 4, 7: 3, 8: 2, 9: 1, 14: 4, 15: 3, 16: 2, 17: 1, 35: 1, 53: 1}
 # Angstrom: atoms closer than this count as bonded (C-C single bonds are 1.54)
 BOND_LENGTH = 1.6
+# Angstrom: heavy-atom bond lengths tried for the Lewis-structure candidates (atoms found
+# 0.1-0.3 A off stretch some bonds past 1.6; the bridgehead atoms of bicyclo[1.1.1]pentane
+# are 1.85 apart and not bonded)
+LEWIS_LENGTHS = (1.6, 1.7, 1.8)
 
 
 # -- the model: moments, invariants, densities, with Jacobians ----------------------------
@@ -702,6 +706,103 @@ def _bond_assignment(x, w, weights_sorted, light, valence=None):
     return out
 
 
+def _lewis_ok(excess, edges, budget: int = 20000) -> bool:
+    """Whether double and triple bonds can use up every atom's free valence exactly.
+
+    ``excess``: each atom's valence minus its neighbours; ``edges``: the bonded pairs
+    (a, b), each of which can take one or two more bonds.  A depth-first search over
+    the first atom with free valence left (at most ``budget`` calls; False beyond).
+    """
+    excess = tuple(int(e) for e in excess)
+    if sum(excess) % 2 or min(excess, default=0) < 0:
+        return False
+    adj = [[] for _ in excess]
+    for e, (a, b) in enumerate(edges):
+        adj[a].append((b, e))
+        adj[b].append((a, e))
+    failed = set()
+    calls = 0
+
+    def solve(exc, extra):
+        nonlocal calls
+        calls += 1
+        if calls > budget or (exc, extra) in failed:
+            return False
+        i = next((k for k, v in enumerate(exc) if v > 0), None)
+        if i is None:
+            return True
+        for j, e in adj[i]:
+            if exc[j] > 0 and extra[e] < 2:
+                ex, ed = list(exc), list(extra)
+                ex[i], ex[j], ed[e] = ex[i] - 1, ex[j] - 1, ed[e] + 1
+                if solve(tuple(ex), tuple(ed)):
+                    return True
+        failed.add((exc, extra))
+        return False
+
+    return solve(excess, (0,) * len(edges))
+
+
+def _lewis_assignments(x, w, weights_sorted, light, valence, *, limit: int = 20000):
+    """Element weights [M, N] for atoms x [N, 3] whose valences admit a Lewis structure.
+
+    The ``light`` lightest entries of the composition ``weights_sorted`` [N] (a terminal
+    element) go to the atoms of fewest neighbours, as in :func:`_bond_assignment`, each
+    bonded to its nearest other atom; the rest are spread over the other atoms in every
+    way in which each atom's valence (``valence`` [N], per entry) covers its neighbours
+    and the free valences pair up into double and triple bonds along the bonding graph
+    (:func:`_lewis_ok`), for each heavy-atom bond length in ``LEWIS_LENGTHS``; at most
+    ``limit`` assignments are tried per length.  Rows are distinct, nearest the fitted
+    weights w [N] first.
+    """
+    n = x.shape[0]
+    d = torch.cdist(x, x)
+    degree = (d < BOND_LENGTH).sum(-1) - 1
+    span = (w.max() - w.min()).clamp_min(1e-12)
+    order = (degree + 0.5 * (w - w.min()) / span).argsort()
+    terminal, heavy = order[:light], order[light:]
+    if len(heavy) == 0:
+        return weights_sorted.new_zeros(0, n)
+    kinds = sorted(set(zip(weights_sorted[light:].tolist(), valence[light:])))
+    wanted = [sum(1 for v in weights_sorted[light:].tolist() if v == k[0]) for k in kinds]
+    attached = torch.zeros(len(heavy), dtype=torch.long)
+    if light:
+        nearest = d[terminal][:, heavy].argmin(dim=1)
+        attached.index_add_(0, nearest, torch.ones_like(nearest))
+    dh = d[heavy][:, heavy]
+    found = set()
+    for length in LEWIS_LENGTHS:
+        bonded = (dh < length) & ~torch.eye(len(heavy), dtype=torch.bool)
+        edges = torch.nonzero(torch.triu(bonded, diagonal=1)).tolist()
+        deg = (attached + bonded.sum(-1)).tolist()
+        pick, left, tried = [0] * len(heavy), list(wanted), 0
+
+        def walk(i):
+            nonlocal tried
+            if tried >= limit:
+                return
+            if i == len(heavy):
+                tried += 1
+                if _lewis_ok([kinds[k][1] - deg[a] for a, k in enumerate(pick)], edges):
+                    found.add(tuple(pick))
+                return
+            for k, (_, val) in enumerate(kinds):
+                if left[k] and val >= deg[i]:
+                    pick[i] = k
+                    left[k] -= 1
+                    walk(i + 1)
+                    left[k] += 1
+
+        walk(0)
+    if not found:
+        return weights_sorted.new_zeros(0, n)
+    out = torch.empty(len(found), n, dtype=weights_sorted.dtype)
+    out[:, terminal] = weights_sorted[:light]
+    table = torch.tensor([k[0] for k in kinds], dtype=weights_sorted.dtype)
+    out[:, heavy] = table[torch.tensor(sorted(found))]
+    return out[(out - w).pow(2).sum(-1).argsort()]
+
+
 def _match_order(w_found: torch.Tensor, w_wanted: torch.Tensor) -> torch.Tensor:
     """Permutation p with w_found[p] matching w_wanted by rank: [N] long."""
     a = w_found.argsort(stable=True)
@@ -753,7 +854,9 @@ class MiladReconstruction:
         ``bond_cycles`` times; ``bonds=False`` maps weights to elements by weight alone.
         ``bond_valence`` adds, where a composition's heavy elements differ in valence,
         the assignment that gives the heavy atoms of fewest neighbours the elements of
-        lowest valence.
+        lowest valence.  ``bond_lewis``: for attempts within invariant RMSD 1e-2, also
+        up to this many assignments whose valences admit a Lewis structure on the
+        bonding graph (see :func:`_lewis_assignments`; 0 turns them off).
     species_walk, walk_fast, walk_steps, walk_keep : species ``fit`` only: at most
         ``species_walk`` moves of a greedy walk over element assignments, each
         candidate judged after ``walk_fast`` position-refit steps, the best
@@ -801,6 +904,7 @@ class MiladReconstruction:
     bond_comps: int = 8
     bond_cycles: int = 2
     bond_valence: bool = True
+    bond_lewis: int = 24
 
     name = "milad"
 
@@ -828,6 +932,8 @@ class MiladReconstruction:
             raise StructreconError("milad: prony_hops must be >= 0")
         if self.species_walk < 0:
             raise StructreconError("milad: species_walk must be >= 0")
+        if self.bond_lewis < 0:
+            raise StructreconError("milad: bond_lewis must be >= 0")
         if self.species not in SPECIES_MODES:
             raise StructreconError(
                 f"milad: species must be one of {', '.join(SPECIES_MODES)}, got {self.species!r}"
@@ -1293,19 +1399,24 @@ class _Run:
                 continue
             fitted = w_fit[r].sort().values
             near = (rows - fitted).pow(2).sum(-1).argsort()[: s.bond_comps]
+            found, lewis = [], []
             for c in near.tolist():
                 args = [(rows[c], light[c])]
                 val = valence[c]
                 if s.bond_valence and None not in val and len(set(val[light[c] :])) > 1:
                     args.append((rows[c], light[c], val))
-                for a in args:
-                    wc = _bond_assignment(x_fit[r], w_fit[r], *a)
-                    if (wc - w[r]).abs().max() > 1e-9 and not any(
-                        o == r and torch.equal(wc, k) for o, k in zip(owners, cands)
-                    ):
-                        cands.append(wc)
-                        owners.append(r)
-                        comps.append(a)
+                found += [(_bond_assignment(x_fit[r], w_fit[r], *a), a) for a in args]
+                if s.bond_lewis and None not in val and current[r] < 1e-2:
+                    more = _lewis_assignments(x_fit[r], w_fit[r], rows[c], light[c], val)
+                    lewis += [(wc, None) for wc in more]  # not read again
+            lewis.sort(key=lambda item: float((item[0] - w_fit[r]).pow(2).sum()))
+            for wc, a in found + lewis[: s.bond_lewis]:
+                if (wc - w[r]).abs().max() > 1e-9 and not any(
+                    o == r and torch.equal(wc, k) for o, k in zip(owners, cands)
+                ):
+                    cands.append(wc)
+                    owners.append(r)
+                    comps.append(a)
         if not cands:
             return x, w
         x, w = x.clone(), w.clone()
@@ -1320,7 +1431,10 @@ class _Run:
             if cycle == s.bond_cycles - 1:
                 break
             # the graph of the refitted atoms, where it differs: another cycle
-            again = [_bond_assignment(xc[i], w_fit[own[i]], *comps[i]) for i in range(len(own))]
+            again = [
+                wc[i] if comps[i] is None else _bond_assignment(xc[i], w_fit[own[i]], *comps[i])
+                for i in range(len(own))
+            ]
             changed = [i for i in range(len(own)) if (again[i] - wc[i]).abs().max() > 1e-9]
             if not changed:
                 break
