@@ -1385,10 +1385,13 @@ class _Run:
         the graph of the refitted atoms assigns otherwise, that is refitted too, up to
         ``bond_cycles`` refits in all.  With ``bond_valence``, each composition whose
         heavy elements differ in valence also gets the assignment by valence against
-        neighbour count (see :func:`_bond_assignment`).  On the paper's 77 QM9
-        molecules, species from one fingerprint went from 62 to 68 solved, and to 70
-        with the valence candidates and the last polish judged in the fingerprint's
-        frame (README).
+        neighbour count (see :func:`_bond_assignment`), and attempts within invariant
+        RMSD 1e-2 get up to ``bond_lewis`` more: the assignments whose valences admit a
+        Lewis structure on the graph (see :func:`_lewis_assignments`; read once, not
+        again from the refitted atoms).  On the paper's 77 QM9 molecules, species from
+        one fingerprint went from 62 to 68 solved, to 70 with the valence candidates and
+        the last polish judged in the fingerprint's frame, and to 72 with the Lewis
+        candidates (README).
         """
         s = self.s
         current = self.score(x, w, tg)
