@@ -78,8 +78,8 @@ VALENCES = {1: 1, 5: 3, 6: 4, 7: 3, 8: 2, 9: 1, 14: 4, 15: 3, 16: 2, 17: 1, 35: 
 # Angstrom: atoms closer than this count as bonded (C-C single bonds are 1.54)
 BOND_LENGTH = 1.6
 # Angstrom: heavy-atom bond lengths tried for the Lewis-structure candidates (atoms found
-# 0.1-0.3 A off stretch some bonds past 1.6; the bridgehead atoms of bicyclo[1.1.1]pentane
-# are 1.85 apart and not bonded)
+# 0.1-0.3 A off stretch some bonds past 1.6; two carbons of a QM9 cage, qm9_36645, are
+# 1.83 apart and not bonded)
 LEWIS_LENGTHS = (1.6, 1.7, 1.8)
 
 
