@@ -674,6 +674,17 @@ def valence_compositions(n: int, total: float, species, weights) -> np.ndarray:
     return comps[(bonds % 2 == 0) & (bonds >= 2 * (n - 1))]
 
 
+def _fewest_neighbours_first(x, w):
+    """Atoms x [N, 3] by neighbour count: (degree [N], order [N]).
+
+    degree: neighbours within ``BOND_LENGTH``; order: the atoms, fewest neighbours
+    first, ties broken by the lower fitted weight w [N].
+    """
+    degree = (torch.cdist(x, x) < BOND_LENGTH).sum(-1) - 1
+    span = (w.max() - w.min()).clamp_min(1e-12)
+    return degree, (degree + 0.5 * (w - w.min()) / span).argsort()
+
+
 def _bond_assignment(x, w, weights_sorted, light, valence=None):
     """Element weights [N] for atoms x [N, 3] from a composition's sorted weights [N].
 
@@ -683,12 +694,8 @@ def _bond_assignment(x, w, weights_sorted, light, valence=None):
     neighbour count first: the atoms of fewest neighbours get the elements of lowest
     valence (O before N before C), and within atoms of one count, by w's rank.
     """
-    d = torch.cdist(x, x)
-    degree = (d < BOND_LENGTH).sum(-1) - 1
-    span = (w.max() - w.min()).clamp_min(1e-12)
-    key = degree + 0.5 * (w - w.min()) / span
+    degree, order = _fewest_neighbours_first(x, w)
     out = torch.empty_like(w)
-    order = key.argsort()
     out[order[:light]] = weights_sorted[:light]
     rest = order[light:]
     heavy = weights_sorted[light:]
@@ -757,10 +764,7 @@ def _lewis_assignments(x, w, weights_sorted, light, valence, *, limit: int = 200
     """
     n = x.shape[0]
     d = torch.cdist(x, x)
-    degree = (d < BOND_LENGTH).sum(-1) - 1
-    span = (w.max() - w.min()).clamp_min(1e-12)
-    order = (degree + 0.5 * (w - w.min()) / span).argsort()
-    terminal, heavy = order[:light], order[light:]
+    terminal, heavy = _fewest_neighbours_first(x, w)[1].split([light, n - light])
     if len(heavy) == 0:
         return weights_sorted.new_zeros(0, n)
     kinds = sorted(set(zip(weights_sorted[light:].tolist(), valence[light:])))
