@@ -65,6 +65,7 @@ SPECIES = (1, 6, 8, 7, 9)
 WEIGHTS = (1.1, 1.3, 1.5, 1.7, 1.9)  # H C O N F, Uhrin 2021 section IV A
 MODES = ("positions", "species", "two")
 TOL = 1e-6
+CUTOFF = 5.0  # Angstrom, the paper's and the milad preset's
 STRUCT_TOL = 0.1
 
 
@@ -106,9 +107,9 @@ def qm9_molecules(sizes, per_size, seed):
     return out
 
 
-def specs():
-    unit = MiladSpec(cutoff=5.0, centre="miniball", species=SPECIES)  # all weights 1
-    weighted = MiladSpec(cutoff=5.0, centre="miniball", species=SPECIES, weights=WEIGHTS)
+def specs(cutoff=CUTOFF):
+    unit = MiladSpec(cutoff=cutoff, centre="miniball", species=SPECIES)  # all weights 1
+    weighted = MiladSpec(cutoff=cutoff, centre="miniball", species=SPECIES, weights=WEIGHTS)
     return (
         FingerprintSpec(descriptor=unit, pooling="none", name="milad-miniball"),
         FingerprintSpec(descriptor=weighted, pooling="none", name="milad-species-miniball"),
@@ -136,8 +137,8 @@ def fp_rmsd(spec, atoms, target):
     return float(np.sqrt(np.mean((describe(spec, [atoms])[0] - target) ** 2)))
 
 
-def run_ours(atoms, mode, attempts, seed, rounds, r_min=None):
-    unit, weighted = specs()
+def run_ours(atoms, mode, attempts, seed, rounds, r_min=None, cutoff=CUTOFF):
+    unit, weighted = specs(cutoff)
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
     if mode == "positions":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_unit)
@@ -197,7 +198,7 @@ def milad_package():
     return milad
 
 
-def run_milad(atoms, mode, attempts, seed):
+def run_milad(atoms, mode, attempts, seed, cutoff=CUTOFF):
     milad = milad_package()
     from milad import atomic, reconstruct
     from milad.play import asetools
@@ -205,12 +206,12 @@ def run_milad(atoms, mode, attempts, seed):
     np.random.seed(seed)
     random.seed(seed)
     if mode == "positions":
-        desc = milad.descriptor(cutoff=5.0)
+        desc = milad.descriptor(cutoff=cutoff)
         ref = as_one_element(atoms)
         numbers = 1.0
     else:
         desc = milad.descriptor(
-            species={"map": {"numbers": list(SPECIES), "range": (1.0, 2.0)}}, cutoff=5.0
+            species={"map": {"numbers": list(SPECIES), "range": (1.0, 2.0)}}, cutoff=cutoff
         )
         ref = atoms
         numbers = tuple(sorted(SPECIES))
@@ -219,7 +220,7 @@ def run_milad(atoms, mode, attempts, seed):
     best = None
     for _ in range(attempts):
         start = atomic.random_atom_collection_in_sphere(
-            len(atoms), radius=5.0, centre=True, numbers=numbers
+            len(atoms), radius=cutoff, centre=True, numbers=numbers
         )
         try:
             res = reconstruct.find_iteratively(
@@ -381,6 +382,13 @@ def main():
         help="our repulsion radius, Angstrom (default: the milad method's, 0.9; the paper "
         "and the milad package: 0.55)",
     )
+    parser.add_argument(
+        "--cutoff",
+        type=float,
+        default=CUTOFF,
+        help="radius of the sphere mapped onto the unit ball, Angstrom (5, the paper's; "
+        "molecules reaching beyond it are described with the basis outside its ball)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--skip-milad", action="store_true")
     parser.add_argument(
@@ -409,6 +417,8 @@ def main():
     )
     parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args()
+    if not args.cutoff > 0:
+        parser.error(f"--cutoff must be > 0, got {args.cutoff}")
     if args.r_min is not None and not args.r_min > 0:
         parser.error(f"--r-min must be > 0, got {args.r_min}")
     args.sizes = sorted(set(args.sizes))
@@ -432,10 +442,17 @@ def main():
         )
         milad_quota[n] = milad_quota.get(n, 0) + 1
         for mode in args.modes:
-            jobs = [("ours", lambda *a: run_ours(*a, rounds=args.rounds, r_min=args.r_min))]
+            jobs = [
+                (
+                    "ours",
+                    lambda *a: run_ours(
+                        *a, rounds=args.rounds, r_min=args.r_min, cutoff=args.cutoff
+                    ),
+                )
+            ]
             if run_milad_here and mode in args.milad_modes:
                 if mode != "species" or species_max is None or n <= species_max:
-                    jobs.append(("milad", run_milad))
+                    jobs.append(("milad", lambda *a: run_milad(*a, cutoff=args.cutoff)))
             for code, fn in jobs:
                 if (base["name"], code, mode) in done:
                     continue
