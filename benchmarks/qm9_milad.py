@@ -137,16 +137,18 @@ def fp_rmsd(spec, atoms, target):
     return float(np.sqrt(np.mean((describe(spec, [atoms])[0] - target) ** 2)))
 
 
-def run_ours(atoms, mode, attempts, seed, rounds, r_min=None, cutoff=CUTOFF):
+def run_ours(atoms, mode, attempts, seed, rounds, r_min=None, cutoff=CUTOFF, restrain=True):
     unit, weighted = specs(cutoff)
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
     if mode == "positions":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_unit)
-        strategy = MiladReconstruction(trials=attempts, rounds=rounds)
+        strategy = MiladReconstruction(trials=attempts, rounds=rounds, restrain=restrain)
         spec, species_spec = unit, None
     elif mode == "species":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_w)
-        strategy = MiladReconstruction(trials=attempts, rounds=rounds, species="fit")
+        strategy = MiladReconstruction(
+            trials=attempts, rounds=rounds, species="fit", restrain=restrain
+        )
         spec, species_spec = weighted, None
     else:
         target = Target(
@@ -155,7 +157,7 @@ def run_ours(atoms, mode, attempts, seed, rounds, r_min=None, cutoff=CUTOFF):
             fingerprint=fp_unit,
             species_fingerprint=fp_w,
         )
-        strategy = MiladReconstruction(trials=attempts, rounds=rounds)
+        strategy = MiladReconstruction(trials=attempts, rounds=rounds, restrain=restrain)
         spec, species_spec = unit, weighted
     t0 = time.perf_counter()
     (res,) = invert(
@@ -389,6 +391,11 @@ def main():
         help="radius of the sphere mapped onto the unit ball, Angstrom (5, the paper's; "
         "molecules reaching beyond it are described with the basis outside its ball)",
     )
+    parser.add_argument(
+        "--no-restrain",
+        action="store_true",
+        help="our reconstruction without the chemical restraints of its last polish",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--skip-milad", action="store_true")
     parser.add_argument(
@@ -446,7 +453,11 @@ def main():
                 (
                     "ours",
                     lambda *a: run_ours(
-                        *a, rounds=args.rounds, r_min=args.r_min, cutoff=args.cutoff
+                        *a,
+                        rounds=args.rounds,
+                        r_min=args.r_min,
+                        cutoff=args.cutoff,
+                        restrain=not args.no_restrain,
                     ),
                 )
             ]

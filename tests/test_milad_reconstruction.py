@@ -36,6 +36,8 @@ from structrecon.inversion.milad import (
     _lewis_assignments,
     _lewis_ok,
     _pair_moves,
+    _restraint_residuals,
+    _restraints,
     _Run,
     _snap_weights,
     valence_compositions,
@@ -738,11 +740,10 @@ def test_cli_species_options(tmp_path, capsys):
     )
     assert code != 0
     assert "need --method milad" in capsys.readouterr().err
-    code = main(
-        ["invert", str(tmp_path / "fp.npz"), "-o", str(tmp_path / "x.extxyz"), "--no-bonds"]
-    )
-    assert code != 0
-    assert "need --method milad" in capsys.readouterr().err
+    for flag in ("--no-bonds", "--no-restraints"):
+        code = main(["invert", str(tmp_path / "fp.npz"), "-o", str(tmp_path / "x.extxyz"), flag])
+        assert code != 0
+        assert "need --method milad" in capsys.readouterr().err
 
 
 def test_species_fingerprints_must_match_the_targets():
@@ -798,3 +799,99 @@ def test_centring_jacobian_matches_central_differences(centre, rng):
         assert torch.allclose(jac[b], num, atol=1e-7)
     if centre == "miniball":  # only the atoms on the sphere move the centre
         assert 2 <= int((jac[0].abs().sum(dim=(0, 2)) > 0).sum()) <= 4
+
+
+def _bonds(atoms):
+    """Pairs (i < j) closer than 1.2 times the sum of their covalent radii."""
+    from ase.data import covalent_radii
+
+    r = covalent_radii[atoms.numbers]
+    d = atoms.get_all_distances()
+    i, j = np.nonzero(np.triu(d < 1.2 * (r[:, None] + r[None, :]), k=1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("name, n_bonds", [("C3H8", 10), ("C6H6", 12), ("CH3CH2OH", 8)])
+def test_restraints_bond_the_molecule_at_chemical_lengths_and_angles(name, n_bonds):
+    atoms = molecule(name)
+    x = torch.tensor(atoms.positions)
+    light = torch.tensor(atoms.numbers == 1)
+    pairs, dist = _restraints(x, light, atoms.numbers)
+    found = {tuple(sorted(p)) for p in pairs.tolist()}
+    bonds = _bonds(atoms)
+    assert len(bonds) == n_bonds
+    assert bonds <= found
+    # the other pairs are the ends of two bonds at an atom of 3 or 4 neighbours
+    ends = set()
+    for c in range(len(atoms)):
+        others = sorted(a + b - c for a, b in bonds if c in (a, b))
+        if len(others) in (3, 4):
+            ends |= {(p, q) for k, p in enumerate(others) for q in others[k + 1 :]}
+    assert found - bonds == ends
+    # the molecule's own geometry is close to what they ask for
+    off = ((x[pairs[:, 0]] - x[pairs[:, 1]]).norm(dim=-1) - dist).abs()
+    is_bond = torch.tensor([tuple(sorted(p)) in bonds for p in pairs.tolist()])
+    assert off[is_bond].max() < 0.04
+    assert off[~is_bond].max() < 0.1
+    # control: a stretched C-H bond is off by what it was stretched
+    h = int(torch.nonzero(light)[0])
+    c = next(b if a == h else a for a, b in bonds if h in (a, b))
+    x2 = x.clone()
+    x2[h] = x[c] + (x[h] - x[c]) * 1.4 / (x[h] - x[c]).norm()
+    pairs2, dist2 = _restraints(x2, light, atoms.numbers)
+    row = [k for k, p in enumerate(pairs2.tolist()) if sorted(p) == sorted([h, c])][0]
+    assert float((x2[h] - x2[c]).norm() - dist2[row]) > 0.25
+    # elements unknown: every bond to a hydrogen asks for the C-H length
+    pairs3, dist3 = _restraints(x, light)
+    assert torch.equal(pairs3, pairs)
+    to_h = light[pairs3].any(-1) & torch.tensor(
+        [tuple(sorted(p)) in bonds for p in pairs3.tolist()]
+    )
+    assert torch.all(dist3[to_h] == 1.09)
+
+
+def test_restraint_residuals_jacobian(rng):
+    x = torch.tensor(rng.normal(size=(2, 5, 3)), dtype=torch.float64, requires_grad=True)
+    pairs = torch.tensor([[[0, 1], [2, 4], [1, 3]], [[4, 0], [3, 2], [0, 2]]])
+    dist = torch.tensor(rng.uniform(1, 2, size=(2, 3)))
+    scale = torch.tensor([[1.0, 0.5, 0.0], [2.0, 1.0, 1.0]], dtype=torch.float64)
+    res, jac = _restraint_residuals(x, pairs, dist, scale)
+    auto = torch.autograd.functional.jacobian(
+        lambda y: _restraint_residuals(y, pairs, dist, scale)[0], x
+    )  # [2, 3, 2, 5, 3]
+    assert torch.allclose(jac, torch.stack([auto[b, :, b] for b in range(2)]), atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda y: _restraint_residuals(y, pairs, dist, scale)[0], (x,), eps=1e-6
+    )
+    assert torch.equal(jac[0, 2], torch.zeros(5, 3))  # a pair of scale 0 pulls nothing
+
+
+@pytest.mark.parametrize("restrain", [True, False])
+def test_restraints_finish_a_centrosymmetric_near_miss(restrain):
+    # trans-butane is centrosymmetric: its odd-order moments vanish and the invariants
+    # pin some displacements down only at second order, so a polish from 0.1 A off
+    # stalls short of the target; chemical restraints hold the atoms where the
+    # molecule has them while the polish finishes
+    atoms = molecule("trans-butane")
+    spec = preset("milad")
+    atoms.positions = _centring(torch.tensor(atoms.positions)[None], "miniball")[0][0].numpy()
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=TOL
+    )
+    rows = torch.zeros(1, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.tensor(atoms.positions)[None]
+    x = x + 0.1 * torch.randn(1, len(atoms), 3, generator=gen, dtype=torch.float64)
+    w = torch.ones(1, len(atoms), dtype=torch.float64)
+    strategy = MiladReconstruction(restrain=restrain, restrain_round=0)
+    run = _Run(strategy, problem, torch.Generator().manual_seed(0))
+    x, _ = run.refit(x, w, rows, 300)
+    x2, w2 = run.finish(x, w, rows)
+    rmsd = float(run.fingerprint_rmsd(x2, w2, rows))
+    if restrain:
+        assert rmsd < TOL
+        got = Atoms(atoms.numbers, positions=x2[0].numpy())
+        assert structure_rmsd(one_element(atoms), one_element(got)) < 0.02
+    else:  # control: the polish alone stalls
+        assert rmsd > 5 * TOL

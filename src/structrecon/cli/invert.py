@@ -87,6 +87,12 @@ def add_arguments(p):
         "S, Cl, Br, I)",
     )
     p.add_argument(
+        "--no-restraints",
+        action="store_true",
+        help="milad: no chemical restraints (bond lengths and angles of H, C, N, O, F "
+        "molecules) in the last polish of attempts still open after the first round",
+    )
+    p.add_argument(
         "--species-fingerprints",
         metavar="FP2",
         help="milad: second fingerprint file of the same structures that encodes species "
@@ -152,11 +158,14 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             options[field] = value
-    if args.fit_species or args.species_fingerprints or args.no_bonds:
+    if args.fit_species or args.species_fingerprints or args.no_bonds or args.no_restraints:
         if args.method != "milad":
             raise StructreconError(
-                "--fit-species, --species-fingerprints and --no-bonds need --method milad"
+                "--fit-species, --species-fingerprints, --no-bonds and --no-restraints "
+                "need --method milad"
             )
+        if args.no_restraints:
+            options["restrain"] = False
         if args.fit_species:
             options["species"] = "fit"
         if args.no_bonds:

@@ -560,6 +560,88 @@ def _repulsion(rep: Repulsion, x: torch.Tensor, pairs):
     return e.sum(-1, keepdim=True), grad[:, None]
 
 
+# bond lengths and angles of the chemical restraints (Angstrom, degrees): a bond to a
+# hydrogen, a bond between two heavy atoms of four neighbours each (sp3), and the angle
+# at an atom of four (tetrahedral) or three (trigonal) neighbours
+RESTRAINT_XH = {6: 1.09, 7: 1.01, 8: 0.96}  # by the heavy atom, where it is known
+RESTRAINT_XH_ANY = 1.09
+RESTRAINT_SP3 = 1.53
+RESTRAINT_ANGLES = {4: 109.47, 3: 120.0}
+# a heavy-heavy bond of another kind keeps its length, within these limits
+RESTRAINT_HEAVY = (1.2, 1.55)
+# the steps of the restraints' weight (the last is followed by a plain polish)
+RESTRAINT_WEIGHTS = (1.0, 0.1, 0.01)
+# heavy atoms closer than this are bonded (a distorted attempt's bonds stretch)
+RESTRAINT_BOND = 1.75
+# the elements the restraints know
+RESTRAINED = {1, 6, 7, 8, 9}
+
+
+def _restraints(x: torch.Tensor, light: torch.Tensor, numbers=None):
+    """Chemical restraints for atoms x [N, 3] whose ``light`` [N] (bool) are hydrogens.
+
+    Each hydrogen is bonded to its nearest heavy atom, heavy atoms closer than
+    ``RESTRAINT_BOND`` to each other; each bond gets a length (to a hydrogen:
+    ``RESTRAINT_XH`` by the heavy atom's element where ``numbers`` [N] gives it, else
+    ``RESTRAINT_XH_ANY``; ``RESTRAINT_SP3`` between two heavy atoms of four neighbours;
+    otherwise its own, clipped to ``RESTRAINT_HEAVY``), and the two ends of two bonds at an atom of
+    four or three neighbours the distance of the ideal angle between them.  Returns
+    pairs [P, 2] and target distances [P].
+    """
+    n = x.shape[0]
+    d = torch.cdist(x, x)
+    heavy = torch.nonzero(~light).flatten()
+    bonds = []
+    if heavy.numel():
+        for h in torch.nonzero(light).flatten().tolist():
+            bonds.append([h, int(heavy[d[h, heavy].argmin()])])
+        near = d[heavy][:, heavy] < RESTRAINT_BOND
+        for a, b in torch.nonzero(torch.triu(near, diagonal=1)).tolist():
+            bonds.append([int(heavy[a]), int(heavy[b])])
+    if not bonds:
+        return torch.zeros(0, 2, dtype=torch.long), x.new_zeros(0)
+    bonds = torch.tensor(bonds)
+    degree = torch.bincount(bonds.flatten(), minlength=n)
+    lo, hi = RESTRAINT_HEAVY
+    length = d[bonds[:, 0], bonds[:, 1]].clamp(lo, hi)
+    to_h = light[bonds].any(-1)
+    sp3 = (degree[bonds] == 4).all(-1)
+    xh = torch.full_like(length, RESTRAINT_XH_ANY)
+    if numbers is not None:
+        heavy_end = torch.where(light[bonds[:, 0]], bonds[:, 1], bonds[:, 0])
+        for z, r in RESTRAINT_XH.items():
+            xh[torch.as_tensor(np.asarray(numbers))[heavy_end] == z] = r
+    length = torch.where(to_h, xh, torch.where(sp3, RESTRAINT_SP3, length))
+    pairs, target = [bonds], [length]
+    for centre, angle in RESTRAINT_ANGLES.items():
+        for c in torch.nonzero(degree == centre).flatten().tolist():
+            mine = torch.nonzero((bonds == c).any(-1)).flatten()
+            ends = bonds[mine].sum(-1) - c  # the other end of each bond
+            i, j = torch.triu_indices(len(mine), len(mine), offset=1)
+            ra, rb = length[mine[i]], length[mine[j]]
+            cos = math.cos(math.radians(angle))
+            pairs.append(torch.stack([ends[i], ends[j]], -1))
+            target.append((ra**2 + rb**2 - 2 * ra * rb * cos).sqrt())
+    return torch.cat(pairs), torch.cat(target)
+
+
+def _restraint_residuals(x, pairs, dist, scale):
+    """Residuals scale * (|x_i - x_j| - dist), one per pair, and their Jacobian.
+
+    x [B, N, 3], pairs [B, P, 2], dist and scale [B, P] -> ([B, P], [B, P, N, 3]).
+    """
+    b, n, _ = x.shape
+    ar = torch.arange(b)[:, None]
+    diff = x[ar, pairs[..., 0]] - x[ar, pairs[..., 1]]  # [B, P, 3]
+    length = diff.norm(dim=-1).clamp_min(1e-9)
+    unit = scale[..., None] * diff / length[..., None]
+    jac = x.new_zeros(b, pairs.shape[1], n, 3)
+    rows = torch.arange(pairs.shape[1])[None]
+    jac[ar, rows, pairs[..., 0]] += unit
+    jac[ar, rows, pairs[..., 1]] -= unit
+    return scale * (length - dist), jac
+
+
 def _centring(x: torch.Tensor, centre: str, *, with_jac: bool = True):
     """Atoms x [B, N, 3] moved to a MILAD centre, and the centre's Jacobian.
 
@@ -861,6 +943,11 @@ class MiladReconstruction:
         lowest valence.  ``bond_lewis``: for attempts within invariant RMSD 1e-2, also
         up to this many assignments whose valences admit a Lewis structure on the
         bonding graph (see :func:`_lewis_assignments`; 0 turns them off).
+    restrain, restrain_round : for molecules of H, C, N, O and F, attempts that end
+        round ``restrain_round`` or a later one unsolved are also polished with
+        chemical restraints on their bonds and angles (see :meth:`_Run.restrained`).
+        It costs seconds per round, so the first round, which solves most molecules,
+        goes without (README).
     species_walk, walk_fast, walk_steps, walk_keep : species ``fit`` only: at most
         ``species_walk`` moves of a greedy walk over element assignments, each
         candidate judged after ``walk_fast`` position-refit steps, the best
@@ -909,6 +996,8 @@ class MiladReconstruction:
     bond_cycles: int = 2
     bond_valence: bool = True
     bond_lewis: int = 24
+    restrain: bool = True
+    restrain_round: int = 1
 
     name = "milad"
 
@@ -936,6 +1025,8 @@ class MiladReconstruction:
             raise StructreconError("milad: prony_hops must be >= 0")
         if self.species_walk < 0:
             raise StructreconError("milad: species_walk must be >= 0")
+        if self.restrain_round < 0:
+            raise StructreconError("milad: restrain_round must be >= 0")
         if self.bond_lewis < 0:
             raise StructreconError("milad: bond_lewis must be >= 0")
         if self.species not in SPECIES_MODES:
@@ -1049,6 +1140,7 @@ class MiladReconstruction:
         patience=None,
         weights=None,
         centre=None,
+        restraints=None,
     ):
         """Atoms (and optionally weights) against moments or invariants, Uhrin eq. 36.
 
@@ -1057,7 +1149,10 @@ class MiladReconstruction:
         summed repulsion (eq. 35) as one more.  ``fit_w`` frees the weights (clipped to
         ``w_bounds``); ``fix_x`` keeps the positions.  ``centre`` (a MILAD centring):
         the moments are those of the atoms moved to that centre, as the fingerprint
-        takes them (see :func:`_centring`).  Returns x, w and the squared residual [B].
+        takes them (see :func:`_centring`).  ``restraints``: (pairs [B, P, 2], distances
+        [B, P], mask [B, P], weight) - one residual weight * (|x_i - x_j| - distance) per
+        pair where mask is true (see :func:`_restraints`).  Returns x, w and the squared
+        residual [B].
         """
         b, n, _ = x.shape
         pairs = torch.triu_indices(n, n, offset=1)
@@ -1090,6 +1185,14 @@ class MiladReconstruction:
             if fit_w:
                 blocks.append(dw if jy is None else jy @ dw)
             jac = torch.cat(blocks, dim=-1)
+            if restraints is not None and not fix_x:
+                rp, rd, rm, mu = restraints
+                er, jr = _restraint_residuals(xx, rp[idx], rd[idx], mu * rm[idx].to(xx.dtype))
+                jr = jr.reshape(len(idx), -1, nx)
+                if fit_w:
+                    jr = torch.cat([jr, jr.new_zeros(len(idx), jr.shape[1], n)], dim=-1)
+                res = torch.cat([res, er], dim=-1)
+                jac = torch.cat([jac, jr], dim=1)
             if use_rep:
                 e, de = _repulsion(rep, xx, pairs)
                 de = de.reshape(len(idx), 1, nx)
@@ -1183,6 +1286,7 @@ class _Run:
             self.order_round = 0 if self.n > (self.model.prony_atoms or 20) else 1
         self.eval_fn2 = self.spec2.build(self.numbers) if self.two else None
         self._comps = {}
+        self.round = 0
 
     def start_weights(self, count):
         if self.fit_mode:
@@ -1572,7 +1676,80 @@ class _Run:
                 xn[close], wn[close] = self.recentre(xc), wc
             better = self.score(xn, wn, tg[near]) < framed[near]
             x[near[better]], w[near[better]] = xn[better], wn[better]
+        if s.restrain and self.round >= s.restrain_round:
+            x = self.restrained(x, w, tg)
         return x, w
+
+    def light_atoms(self, x, w):
+        """The hydrogens of attempt x [N, 3], w [N]: (bool [N], elements [N] or None).
+
+        With unequal weights, the atoms whose weight (snapped, with species unknown) is
+        hydrogen's, and every atom's element; with unit weights, as many as the
+        composition has, on the atoms of fewest neighbours, and no elements.  None
+        unless every element is one of ``RESTRAINED`` and there is a hydrogen.
+        """
+        if self.uniform and not self.fit_mode:
+            if not set(self.numbers.tolist()) <= RESTRAINED:
+                return None
+            light = torch.zeros(self.n, dtype=torch.bool)
+            light[_fewest_neighbours_first(x, w)[1][: int((self.numbers == 1).sum())]] = True
+            return (light, None) if light.any() else None
+        spec = self.spec2 if self.two else self.spec
+        element = {round(float(v), 9): z for z, v in zip(spec.species, spec.weights)}
+        if self.fit_mode:
+            w = _snap_weights(w[None], self.allowed, w.sum()[None])[0]
+        numbers = np.array([element.get(round(float(v), 9), 0) for v in w])
+        if not set(numbers.tolist()) <= RESTRAINED or not (numbers == 1).any():
+            return None
+        return torch.as_tensor(numbers == 1), numbers
+
+    def restrained(self, x, w, tg):
+        """Attempts within fingerprint RMSD 1 of a target still open: restrained polish.
+
+        Near a molecule the invariants can leave the atoms almost free along some
+        directions (a C8H18 reaching past the cutoff: 26 of 75 singular values below
+        1e-8 of the largest), and a polish from 0.1-0.4 A off ends at fingerprint RMSD
+        1e-5 to 1e-3 with C-H bonds of 0.8-1.25 A.  Chemistry pins those directions:
+        the atoms are fitted to the invariants (as the fingerprint centres them) with
+        :func:`_restraints` as more residuals, their weight stepped down
+        (``RESTRAINT_WEIGHTS``, the restraints read again from the atoms at each step),
+        then polished without them; the result is kept where its fingerprint RMSD is
+        lower.  Molecules of H, C, N, O, F only.
+        """
+        s = self.s
+        rmsd = self.fingerprint_rmsd(x, w, tg)
+        solved = torch.isin(tg, tg[rmsd < self.problem.tol])  # another attempt did it
+        sel = torch.nonzero(~solved & (rmsd < 1.0)).flatten()
+        found = {int(i): self.light_atoms(x[i], w[i]) for i in sel}
+        sel = torch.tensor([i for i in sel.tolist() if found[i] is not None], dtype=torch.long)
+        if sel.numel() == 0:
+            return x
+        xs, ws, phi = self.recentre(x[sel]), w[sel], self.phi[tg[sel]]
+        kw = dict(
+            kind="invariants",
+            rep=self.rep,
+            steps=s.polish_steps,
+            patience=s.polish_steps,
+            centre=self.spec.centre,
+        )
+        for mu in RESTRAINT_WEIGHTS:
+            made = [_restraints(xs[k], *found[i]) for k, i in enumerate(sel.tolist())]
+            size = max(max(len(t) for _, t in made), 1)
+            pairs = torch.zeros(len(sel), size, 2, dtype=torch.long)
+            pairs[..., 1] = 1
+            dist = xs.new_ones(len(sel), size)
+            mask = torch.zeros(len(sel), size, dtype=torch.bool)
+            for k, (pk, dk) in enumerate(made):
+                pairs[k, : len(dk)], dist[k, : len(dk)], mask[k, : len(dk)] = pk, dk, True
+            xs, _, _ = s.fit_atoms(
+                self.model, xs, ws, phi, restraints=(pairs, dist, mask, mu), **kw
+            )
+        xs, _, _ = s.fit_atoms(self.model, xs, ws, phi, **kw)
+        xs = self.recentre(xs)
+        better = self.fingerprint_rmsd(xs, ws, tg[sel]) < rmsd[sel]
+        x = x.clone()
+        x[sel[better]] = xs[better]
+        return x
 
     def recentre(self, x):
         """Attempts x [B, N, 3] moved into the frame the fingerprint centres them in.
@@ -1756,6 +1933,7 @@ class _Run:
         # atoms, not from its last ones
         att_rmsd = torch.full((t_count * k_att,), math.inf, dtype=dtype)
         for rnd in range(s.rounds):
+            self.round = rnd
             live = torch.nonzero(~done[att_target]).flatten()
             if live.numel() == 0:
                 break
