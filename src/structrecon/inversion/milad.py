@@ -943,11 +943,13 @@ class MiladReconstruction:
         lowest valence.  ``bond_lewis``: for attempts within invariant RMSD 1e-2, also
         up to this many assignments whose valences admit a Lewis structure on the
         bonding graph (see :func:`_lewis_assignments`; 0 turns them off).
-    restrain, restrain_round : for molecules of H, C, N, O and F, attempts that end
-        round ``restrain_round`` or a later one unsolved are also polished with
-        chemical restraints on their bonds and angles (see :meth:`_Run.restrained`).
-        It costs seconds per round, so the first round, which solves most molecules,
-        goes without (README).
+    restrain, restrain_round : with unit weights (positions; the positions of two
+        fingerprints), for molecules of H, C, N, O and F, attempts that end round
+        ``restrain_round`` or a later one unsolved are also polished with chemical
+        restraints on their bonds and angles (see :meth:`_Run.restrained`).  It costs
+        seconds per round, so the first round, which solves most molecules, goes
+        without.  On QM9 it gained two molecules in positions mode and none with
+        species weights fitted (README).
     species_walk, walk_fast, walk_steps, walk_keep : species ``fit`` only: at most
         ``species_walk`` moves of a greedy walk over element assignments, each
         candidate judged after ``walk_fast`` position-refit steps, the best
@@ -1676,32 +1678,21 @@ class _Run:
                 xn[close], wn[close] = self.recentre(xc), wc
             better = self.score(xn, wn, tg[near]) < framed[near]
             x[near[better]], w[near[better]] = xn[better], wn[better]
-        if s.restrain and self.round >= s.restrain_round:
+        if s.restrain and self.uniform and not self.fit_mode and self.round >= s.restrain_round:
             x = self.restrained(x, w, tg)
         return x, w
 
     def light_atoms(self, x, w):
-        """The hydrogens of attempt x [N, 3], w [N]: (bool [N], elements [N] or None).
+        """The hydrogens of attempt x [N, 3] (unit weights): bool [N], or None.
 
-        With unequal weights, the atoms whose weight (snapped, with species unknown) is
-        hydrogen's, and every atom's element; with unit weights, as many as the
-        composition has, on the atoms of fewest neighbours, and no elements.  None
-        unless every element is one of ``RESTRAINED`` and there is a hydrogen.
+        As many as the composition has, on the atoms of fewest neighbours; None unless
+        every element is one of ``RESTRAINED`` and there is a hydrogen.
         """
-        if self.uniform and not self.fit_mode:
-            if not set(self.numbers.tolist()) <= RESTRAINED:
-                return None
-            light = torch.zeros(self.n, dtype=torch.bool)
-            light[_fewest_neighbours_first(x, w)[1][: int((self.numbers == 1).sum())]] = True
-            return (light, None) if light.any() else None
-        spec = self.spec2 if self.two else self.spec
-        element = {round(float(v), 9): z for z, v in zip(spec.species, spec.weights)}
-        if self.fit_mode:
-            w = _snap_weights(w[None], self.allowed, w.sum()[None])[0]
-        numbers = np.array([element.get(round(float(v), 9), 0) for v in w])
-        if not set(numbers.tolist()) <= RESTRAINED or not (numbers == 1).any():
+        if not set(self.numbers.tolist()) <= RESTRAINED:
             return None
-        return torch.as_tensor(numbers == 1), numbers
+        light = torch.zeros(self.n, dtype=torch.bool)
+        light[_fewest_neighbours_first(x, w)[1][: int((self.numbers == 1).sum())]] = True
+        return light if light.any() else None
 
     def restrained(self, x, w, tg):
         """Attempts within fingerprint RMSD 1 of a target still open: restrained polish.
@@ -1733,7 +1724,7 @@ class _Run:
             centre=self.spec.centre,
         )
         for mu in RESTRAINT_WEIGHTS:
-            made = [_restraints(xs[k], *found[i]) for k, i in enumerate(sel.tolist())]
+            made = [_restraints(xs[k], found[i]) for k, i in enumerate(sel.tolist())]
             size = max(max(len(t) for _, t in made), 1)
             pairs = torch.zeros(len(sel), size, 2, dtype=torch.long)
             pairs[..., 1] = 1
