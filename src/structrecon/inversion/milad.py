@@ -1348,10 +1348,11 @@ class _Run:
             rmsd = (val - self.phi[tg]).pow(2).mean(-1).sqrt()
         return torch.nan_to_num(rmsd, nan=math.inf)
 
-    def fingerprint_rmsd(self, x, w, tg):
+    def fingerprint_rmsd(self, x, w, tg, *, second: bool = True):
         """Fingerprint RMSD [B] by the fingerprint functions themselves (with centring).
 
-        With two fingerprints, the larger of the two RMSDs.
+        With two fingerprints, the larger of the two RMSDs (``second=False``: the main
+        one's alone).
         """
         out = torch.full((x.shape[0],), math.inf, dtype=x.dtype)
         w_eval = w if self.fit_w else None
@@ -1361,7 +1362,7 @@ class _Run:
                     wi = None if w_eval is None else w_eval[i : i + 1]
                     pred = self.eval_fn(x[i : i + 1], wi)[0, 0]
                     r = (pred - self.phi[tg[i]]).pow(2).mean().sqrt()
-                    if self.two:
+                    if self.two and second:
                         pred2 = self.eval_fn2(x[i : i + 1], w[i : i + 1])[0, 0]
                         r = torch.maximum(r, (pred2 - self.phi2[tg[i]]).pow(2).mean().sqrt())
                 except (ArithmeticError, ValueError, RuntimeError, np.linalg.LinAlgError):
@@ -1708,7 +1709,7 @@ class _Run:
         lower.  Molecules of H, C, N, O, F only.
         """
         s = self.s
-        rmsd = self.fingerprint_rmsd(x, w, tg)
+        rmsd = self.fingerprint_rmsd(x, w, tg, second=False)  # the positions' fingerprint
         solved = torch.isin(tg, tg[rmsd < self.problem.tol])  # another attempt did it
         sel = torch.nonzero(~solved & (rmsd < 1.0)).flatten()
         found = {int(i): self.light_atoms(x[i], w[i]) for i in sel}
@@ -1737,7 +1738,7 @@ class _Run:
             )
         xs, _, _ = s.fit_atoms(self.model, xs, ws, phi, **kw)
         xs = self.recentre(xs)
-        better = self.fingerprint_rmsd(xs, ws, tg[sel]) < rmsd[sel]
+        better = self.fingerprint_rmsd(xs, ws, tg[sel], second=False) < rmsd[sel]
         x = x.clone()
         x[sel[better]] = xs[better]
         return x
