@@ -584,9 +584,9 @@ def _restraints(x: torch.Tensor, light: torch.Tensor, numbers=None):
     ``RESTRAINT_BOND`` to each other; each bond gets a length (to a hydrogen:
     ``RESTRAINT_XH`` by the heavy atom's element where ``numbers`` [N] gives it, else
     ``RESTRAINT_XH_ANY``; ``RESTRAINT_SP3`` between two heavy atoms of four neighbours;
-    otherwise its own, clipped to ``RESTRAINT_HEAVY``), and the two ends of two bonds at an atom of
-    four or three neighbours the distance of the ideal angle between them.  Returns
-    pairs [P, 2] and target distances [P].
+    otherwise its own, clipped to ``RESTRAINT_HEAVY``), and the two ends of two bonds
+    at an atom of four or three neighbours the distance of the ideal angle between
+    them.  Returns pairs [P, 2] and target distances [P].
     """
     n = x.shape[0]
     d = torch.cdist(x, x)
