@@ -140,15 +140,14 @@ def fp_rmsd(spec, atoms, target):
 def run_ours(atoms, mode, attempts, seed, rounds, r_min=None, cutoff=CUTOFF, restrain=True):
     unit, weighted = specs(cutoff)
     fp_unit, fp_w = describe(unit, [atoms])[0], describe(weighted, [atoms])[0]
+    options = dict(trials=attempts, rounds=rounds, restrain=restrain)
     if mode == "positions":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_unit)
-        strategy = MiladReconstruction(trials=attempts, rounds=rounds, restrain=restrain)
+        strategy = MiladReconstruction(**options)
         spec, species_spec = unit, None
     elif mode == "species":
         target = Target(name=atoms.info["name"], numbers=atoms.numbers, fingerprint=fp_w)
-        strategy = MiladReconstruction(
-            trials=attempts, rounds=rounds, species="fit", restrain=restrain
-        )
+        strategy = MiladReconstruction(species="fit", **options)
         spec, species_spec = weighted, None
     else:
         target = Target(
@@ -157,7 +156,7 @@ def run_ours(atoms, mode, attempts, seed, rounds, r_min=None, cutoff=CUTOFF, res
             fingerprint=fp_unit,
             species_fingerprint=fp_w,
         )
-        strategy = MiladReconstruction(trials=attempts, rounds=rounds, restrain=restrain)
+        strategy = MiladReconstruction(**options)
         spec, species_spec = unit, weighted
     t0 = time.perf_counter()
     (res,) = invert(
