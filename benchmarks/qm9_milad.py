@@ -391,7 +391,7 @@ def main():
         "molecules reaching beyond it are described with the basis outside its ball)",
     )
     parser.add_argument(
-        "--no-restrain",
+        "--no-restraints",
         action="store_true",
         help="our reconstruction without the chemical restraints of its last polish",
     )
@@ -456,7 +456,7 @@ def main():
                         rounds=args.rounds,
                         r_min=args.r_min,
                         cutoff=args.cutoff,
-                        restrain=not args.no_restrain,
+                        restrain=not args.no_restraints,
                     ),
                 )
             ]
