@@ -895,3 +895,40 @@ def test_restraints_finish_a_centrosymmetric_near_miss(restrain):
         assert structure_rmsd(one_element(atoms), one_element(got)) < 0.02
     else:  # control: the polish alone stalls
         assert rmsd > 5 * TOL
+
+
+def test_moment_polish_finishes_atoms_that_stalled_against_exact_moments():
+    # 24 atoms (more than Prony recovers) 0.5 A off: the polish against the invariants
+    # stalls, a fit to the moments, where they are exact, finishes them
+    rng = np.random.default_rng(3)
+    pts = []
+    while len(pts) < 24:
+        p = rng.uniform(-3.5, 3.5, 3)
+        if np.linalg.norm(p) < 3.8 and all(np.linalg.norm(p - q) > 1.2 for q in pts):
+            pts.append(p)
+    spec = preset("milad")
+    x0 = _centring(torch.tensor(np.array(pts))[None], spec.descriptor.centre)[0]
+    atoms = Atoms([1] * 24, positions=x0[0].numpy())
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers),
+        targets=fp[None].repeat(2, 1),
+        numbers=atoms.numbers,
+        tol=TOL,
+    )
+    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    rows = torch.arange(2)
+    w = torch.ones(2, 24, dtype=torch.float64)
+    y = run.model.moments(x0.repeat(2, 1, 1), w)
+    # control: the second row's moments are 1e-3 off, so not exact
+    gen = torch.Generator().manual_seed(1)
+    y[1] += 1e-3 * torch.randn(y.shape[1], generator=gen, dtype=y.dtype)
+    x = x0 + 0.5 * torch.randn(2, 24, 3, generator=gen, dtype=torch.float64)
+    x, before = run.refit(x, w, rows, 300)
+    assert (before > 100 * TOL).all()  # the polish against the invariants stalled
+    x2, w2 = run.moment_polish(y, x, w, rows)
+    after = run.score(x2, w2, rows)
+    assert after[0] < 1e-3 * TOL
+    got = Atoms(atoms.numbers, positions=x2[0].numpy())
+    assert structure_rmsd(atoms, got) < 1e-6
+    assert torch.equal(x2[1], x[1]) and torch.equal(w2, w)  # inexact moments: left alone

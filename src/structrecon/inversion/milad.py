@@ -1632,6 +1632,46 @@ class _Run:
         )
         return x, self.score(x, w, tg)
 
+    def moment_polish(self, y, x, w, tg):
+        """Attempts whose moments are exact but whose atoms are not: a long fit to them.
+
+        Beyond the atoms Prony recovers (20), the atoms come from peaks and Prony on what
+        the strongest peaks leave, fitted to the moments for ``atom_steps`` steps; on a
+        C9H20 of QM9 that left them 0.01 in moment RMSD from moments exact to 3e-10, and
+        the polish against the invariants then stalled at fingerprint RMSD 5e-4, 0.03 A
+        off.  Rows whose moments y [B, K] reproduce the invariants within 1e-2 of the
+        tolerance, and whose atoms do not, are fitted to the moments for ten times the
+        polish steps and then polished against the invariants; kept where the invariants'
+        RMSD falls.  Weights are held.
+        """
+        s, model = self.s, self.model
+        with torch.no_grad():
+            exact = (model.invariants_of(y) - self.phi[tg]).pow(2).mean(-1).sqrt()
+        rmsd = self.score(x, w, tg)
+        sel = torch.nonzero(
+            (exact < 1e-2 * self.problem.tol) & (rmsd > 1e-2 * self.problem.tol)
+        ).flatten()
+        if sel.numel() == 0:
+            return x, w
+        xs, ws = x[sel], w[sel]
+        xs, _, _ = s.fit_atoms(
+            model,
+            xs,
+            ws,
+            y[sel],
+            kind="moments",
+            rep=self.rep,
+            steps=10 * s.polish_steps,
+            patience=10 * s.patience,
+        )
+        xs, _, _ = s.fit_atoms(
+            model, xs, ws, self.phi[tg[sel]], kind="invariants", rep=self.rep, steps=s.polish_steps
+        )
+        better = self.score(xs, ws, tg[sel]) < rmsd[sel]
+        x = x.clone()
+        x[sel[better]] = xs[better]
+        return x, w
+
     def finish(self, x, w, tg):
         """Attempts close to a solution (RMSD < 1e-2) but not there: a longer polish.
 
@@ -1938,6 +1978,7 @@ class _Run:
                 y0 = model.moments(x_cur[live], w_cur[live])
             y, moment_rmsd = s.fit_moments(model, self.phi[tg], self.gen, start=y0)
             x, w = self.atoms_round(y, tg)
+            x, w = self.moment_polish(y, x, w, tg)
             x, w = self.finish(x, w, tg)
             x_round, w_round = x, w
             if self.two:
