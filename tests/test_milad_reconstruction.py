@@ -897,26 +897,33 @@ def test_restraints_finish_a_centrosymmetric_near_miss(restrain):
         assert rmsd > 5 * TOL
 
 
-def test_moment_polish_finishes_atoms_that_stalled_against_exact_moments():
-    # 24 atoms (more than Prony recovers) 0.5 A off: the polish against the invariants
-    # stalls, a fit to the moments, where they are exact, finishes them
+def scattered_atoms_run(count, rows):
+    """24 scattered unit atoms (more than Prony recovers), centred as the milad preset
+    takes them, and a run with ``rows`` copies of their fingerprint as targets."""
     rng = np.random.default_rng(3)
     pts = []
-    while len(pts) < 24:
+    while len(pts) < count:
         p = rng.uniform(-3.5, 3.5, 3)
         if np.linalg.norm(p) < 3.8 and all(np.linalg.norm(p - q) > 1.2 for q in pts):
             pts.append(p)
     spec = preset("milad")
     x0 = _centring(torch.tensor(np.array(pts))[None], spec.descriptor.centre)[0]
-    atoms = Atoms([1] * 24, positions=x0[0].numpy())
+    atoms = Atoms([1] * count, positions=x0[0].numpy())
     fp = torch.as_tensor(describe(spec, [atoms])[0])
     problem = Problem(
         fn=fingerprint_fn(spec, atoms.numbers),
-        targets=fp[None].repeat(2, 1),
+        targets=fp[None].repeat(rows, 1),
         numbers=atoms.numbers,
         tol=TOL,
     )
     run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    return atoms, x0, run
+
+
+def test_moment_polish_finishes_atoms_that_stalled_against_exact_moments():
+    # 0.5 A off, the polish against the invariants stalls; a fit to the moments, where
+    # they are exact, finishes the atoms
+    atoms, x0, run = scattered_atoms_run(24, 2)
     rows = torch.arange(2)
     w = torch.ones(2, 24, dtype=torch.float64)
     y = run.model.moments(x0.repeat(2, 1, 1), w)
@@ -932,3 +939,26 @@ def test_moment_polish_finishes_atoms_that_stalled_against_exact_moments():
     got = Atoms(atoms.numbers, positions=x2[0].numpy())
     assert structure_rmsd(atoms, got) < 1e-6
     assert torch.equal(x2[1], x[1]) and torch.equal(w2, w)  # inexact moments: left alone
+
+
+@pytest.mark.parametrize("with_start", [True, False])
+def test_moment_polish_tries_the_atoms_whose_moments_started_the_fit(with_start):
+    # the atoms from the moments: random ones fitted to the invariants (from this seed's,
+    # unlike most, the fit to the exact moments does not finish them); those whose
+    # moments started the moments fit: 0.05 A off, from which it does
+    atoms, x0, run = scattered_atoms_run(24, 1)
+    rows = torch.zeros(1, dtype=torch.long)
+    w = torch.ones(1, 24, dtype=torch.float64)
+    y = run.model.moments(x0, w)
+    gen = torch.Generator().manual_seed(0)
+    far = 2.0 * torch.randn(1, 24, 3, generator=gen, dtype=torch.float64)
+    near = x0 + 0.05 * torch.randn(1, 24, 3, generator=gen, dtype=torch.float64)
+    far, before = run.refit(far, w, rows, 300)
+    assert before > 100 * TOL
+    x2, w2 = run.moment_polish(y, far, w, rows, start=(near, w) if with_start else None)
+    after = float(run.score(x2, w2, rows))
+    if with_start:
+        assert after < 1e-3 * TOL
+        assert structure_rmsd(atoms, Atoms(atoms.numbers, positions=x2[0].numpy())) < 1e-6
+    else:  # control: from the far atoms alone the fit does not get there
+        assert after > 100 * TOL

@@ -1632,7 +1632,7 @@ class _Run:
         )
         return x, self.score(x, w, tg)
 
-    def moment_polish(self, y, x, w, tg):
+    def moment_polish(self, y, x, w, tg, start=None):
         """Attempts whose moments are exact but whose atoms are not: a long fit to them.
 
         Beyond the atoms Prony recovers (20), the atoms come from peaks and Prony on what
@@ -1642,7 +1642,11 @@ class _Run:
         off.  Rows whose moments y [B, K] reproduce the invariants within 1e-2 of the
         tolerance, and whose atoms do not, are fitted to the moments for ten times the
         polish steps and then polished against the invariants; kept where the invariants'
-        RMSD falls.  Weights are held.
+        RMSD falls.  ``start``: the atoms and weights (x0, w0) whose moments started the
+        moments fit, tried the same way beside x: when the fit made exact the moments of
+        atoms already close (a C8H18O 0.03 A off), those atoms are nearer to them than
+        what the peaks and Prony find (which stalled at moment RMSD 9e-3 there).  The
+        weights of each candidate are held.
         """
         s, model = self.s, self.model
         with torch.no_grad():
@@ -1653,23 +1657,34 @@ class _Run:
         ).flatten()
         if sel.numel() == 0:
             return x, w
-        xs, ws = x[sel], w[sel]
+        xs, ws = [x[sel]], [w[sel]]
+        if start is not None:
+            xs.append(start[0][sel])
+            ws.append(start[1][sel])
+        c = len(xs)
+        xs = torch.stack(xs, dim=1).flatten(0, 1)
+        ws = torch.stack(ws, dim=1).flatten(0, 1)
+        rows = sel.repeat_interleave(c)
         xs, _, _ = s.fit_atoms(
             model,
             xs,
             ws,
-            y[sel],
+            y[rows],
             kind="moments",
             rep=self.rep,
             steps=10 * s.polish_steps,
             patience=10 * s.patience,
         )
         xs, _, _ = s.fit_atoms(
-            model, xs, ws, self.phi[tg[sel]], kind="invariants", rep=self.rep, steps=s.polish_steps
+            model, xs, ws, self.phi[tg[rows]], kind="invariants", rep=self.rep, steps=s.polish_steps
         )
-        better = self.score(xs, ws, tg[sel]) < rmsd[sel]
-        x = x.clone()
-        x[sel[better]] = xs[better]
+        got = self.score(xs, ws, tg[rows]).reshape(-1, c)
+        best = got.argmin(dim=1)
+        pick = torch.arange(len(sel)) * c + best
+        better = got.gather(1, best[:, None])[:, 0] < rmsd[sel]
+        x, w = x.clone(), w.clone()
+        x[sel[better]] = xs[pick[better]]
+        w[sel[better]] = ws[pick[better]]
         return x, w
 
     def finish(self, x, w, tg):
@@ -1970,15 +1985,15 @@ class _Run:
             if live.numel() == 0:
                 break
             tg = att_target[live]
+            start = None  # the atoms whose moments start the moments fit
             if rnd == self.order_round:
-                y0 = model.moments(*self.atoms_by_order(tg))
-            elif rnd == 0:
-                y0 = None
-            else:
-                y0 = model.moments(x_cur[live], w_cur[live])
+                start = self.atoms_by_order(tg)
+            elif rnd > 0:
+                start = (x_cur[live], w_cur[live])
+            y0 = None if start is None else model.moments(*start)
             y, moment_rmsd = s.fit_moments(model, self.phi[tg], self.gen, start=y0)
             x, w = self.atoms_round(y, tg)
-            x, w = self.moment_polish(y, x, w, tg)
+            x, w = self.moment_polish(y, x, w, tg, start=start)
             x, w = self.finish(x, w, tg)
             x_round, w_round = x, w
             if self.two:
