@@ -909,15 +909,7 @@ def scattered_atoms_run(count, rows):
     spec = preset("milad")
     x0 = _centring(torch.tensor(np.array(pts))[None], spec.descriptor.centre)[0]
     atoms = Atoms([1] * count, positions=x0[0].numpy())
-    fp = torch.as_tensor(describe(spec, [atoms])[0])
-    problem = Problem(
-        fn=fingerprint_fn(spec, atoms.numbers),
-        targets=fp[None].repeat(rows, 1),
-        numbers=atoms.numbers,
-        tol=TOL,
-    )
-    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
-    return atoms, x0, run
+    return atoms, x0, one_run(atoms, spec, rows)
 
 
 def test_moment_polish_finishes_atoms_that_stalled_against_exact_moments():

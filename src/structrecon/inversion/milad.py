@@ -969,11 +969,12 @@ class MiladReconstruction:
     Atoms come from the moments two ways, fitted side by side: peaks (Algorithm 2) and,
     for delta features, multivariate Prony on the moment matrices (exact for exact
     moments of up to 20 atoms in general position; for more atoms the remainder after
-    subtracting the strongest peaks).  The repulsion of eqs. 35-36 is the problem's, or
-    the paper's (epsilon 0.1, sigma 1, n 2) with r_min = ``MOLECULAR_R_MIN`` (0.9
-    Angstrom, where the paper has 0.55: no covalent bond but H2's is shorter, and on QM9
-    the near misses sat at the paper's limit; README); r_min is also the blanking radius
-    of the peak finder.
+    subtracting the strongest peaks).  Where the moments fit is exact but the atoms are
+    not, they are fitted to the moments at length (see :meth:`_Run.moment_polish`).  The
+    repulsion of eqs. 35-36 is the problem's, or the paper's (epsilon 0.1, sigma 1, n 2)
+    with r_min = ``MOLECULAR_R_MIN`` (0.9 Angstrom, where the paper has 0.55: no
+    covalent bond but H2's is shorter, and on QM9 the near misses sat at the paper's
+    limit; README); r_min is also the blanking radius of the peak finder.
     """
 
     trials: int = 3
