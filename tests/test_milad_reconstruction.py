@@ -898,8 +898,8 @@ def test_restraints_finish_a_centrosymmetric_near_miss(restrain):
 
 
 def scattered_atoms_run(count, rows):
-    """24 scattered unit atoms (more than Prony recovers), centred as the milad preset
-    takes them, and a run with ``rows`` copies of their fingerprint as targets."""
+    """``count`` scattered unit atoms (24: more than Prony recovers), centred as the
+    milad preset takes them, and a run with ``rows`` copies of their fingerprint."""
     rng = np.random.default_rng(3)
     pts = []
     while len(pts) < count:

@@ -1344,9 +1344,12 @@ class _Run:
 
     def score(self, x, w, tg):
         """Invariants' RMSD [B] in the frame of the moments (for picking candidates)."""
+        return self.moments_score(self.model.moments(x, w), tg)
+
+    def moments_score(self, y, tg):
+        """Invariants' RMSD [B] of moments y [B, K] against the targets tg."""
         with torch.no_grad():
-            val = self.model.invariants_of(self.model.moments(x, w))
-            rmsd = (val - self.phi[tg]).pow(2).mean(-1).sqrt()
+            rmsd = (self.model.invariants_of(y) - self.phi[tg]).pow(2).mean(-1).sqrt()
         return torch.nan_to_num(rmsd, nan=math.inf)
 
     def fingerprint_rmsd(self, x, w, tg, *, second: bool = True):
@@ -1650,8 +1653,7 @@ class _Run:
         weights of each candidate are held.
         """
         s, model = self.s, self.model
-        with torch.no_grad():
-            exact = (model.invariants_of(y) - self.phi[tg]).pow(2).mean(-1).sqrt()
+        exact = self.moments_score(y, tg)
         rmsd = self.score(x, w, tg)
         sel = torch.nonzero(
             (exact < 1e-2 * self.problem.tol) & (rmsd > 1e-2 * self.problem.tol)
