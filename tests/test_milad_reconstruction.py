@@ -197,6 +197,8 @@ def test_registered_and_options():
         MiladReconstruction(initial="peaks")
     with pytest.raises(StructreconError, match="order_steps must be positive"):
         MiladReconstruction(order_steps=0)
+    with pytest.raises(StructreconError, match="composition_runs must be >= 0"):
+        MiladReconstruction(composition_runs=-1)
 
 
 def one_run(atoms, spec, count, seed=0):
@@ -321,6 +323,31 @@ def test_species_recovered_from_one_fingerprint():
     assert sorted(res.atoms.numbers) == sorted(atoms.numbers)
     assert structure_rmsd(atoms, res.atoms) < 0.1
     assert np.sqrt(np.mean((describe(spec, [res.atoms])[0] - fp) ** 2)) < TOL
+
+
+@pytest.mark.parametrize("runs", [4, 0])
+def test_composition_runs_rescue_a_species_fit_that_ended_open(runs):
+    # one attempt, one round, no walk and no bond candidates: the free-weights fit of
+    # acetaldehyde ends open; rerun as each composition its total weight allows (a known
+    # composition), it is solved - and without the reruns (the control) it stays open
+    atoms = centred("CH3CHO")
+    spec = preset("milad-species")
+    fp = describe(spec, [atoms])[0]
+    options = dict(rounds=1, trials=1, species_walk=0, bonds=False, composition_runs=runs)
+    (res,) = invert(
+        [Target(name="m", numbers=atoms.numbers, fingerprint=fp)],
+        spec,
+        MiladReconstruction(species="fit", **options),
+        tol=TOL,
+        seed=0,
+    )
+    if runs:
+        assert res.converged
+        assert sorted(res.atoms.numbers) == sorted(atoms.numbers)
+        assert structure_rmsd(atoms, res.atoms) < 0.1
+        assert np.sqrt(np.mean((describe(spec, [res.atoms])[0] - fp) ** 2)) < TOL
+    else:
+        assert not res.converged
 
 
 def test_species_from_a_second_fingerprint():
