@@ -257,7 +257,7 @@ def test_later_rounds_start_from_each_attempts_best_atoms(monkeypatch):
     monkeypatch.setattr(run, "atoms_round", lambda y, tg: (next(made), run.given_w[None]))
     monkeypatch.setattr(run, "finish", lambda x, w, tg: (x, w))
     monkeypatch.setattr(
-        run, "fingerprint_rmsd", lambda x, w, tg: torch.tensor([next(rmsds)], dtype=x.dtype)
+        run, "fingerprint_rmsd", lambda x, w, tg, **kw: torch.tensor([next(rmsds)], dtype=x.dtype)
     )
     out = run.outcome()
 
@@ -363,6 +363,41 @@ def test_species_from_a_second_fingerprint():
     assert res.converged
     assert sorted(res.atoms.numbers) == sorted(atoms.numbers)
     assert structure_rmsd(atoms, res.atoms) < 0.1
+
+
+@pytest.mark.parametrize("exact_open", [True, False])
+def test_species_after_the_rounds_weigh_every_attempts_best_positions(exact_open):
+    # three attempts: the molecule's own positions, the same 0.05 A off, and one that never
+    # produced atoms (infinite RMSD, skipped); the species come from the second
+    # fingerprint for each, and the target takes the best - with the exact attempt
+    # marked as never produced (the control), nothing reaches the tolerance
+    atoms = centred("CH3CH2OH")
+    unit, species = preset("milad"), preset("milad-species")
+    x0 = torch.as_tensor(atoms.positions)[None]
+    gen = torch.Generator().manual_seed(0)
+    x_att = torch.cat([x0, x0 + 0.05 * torch.randn(x0.shape, generator=gen, dtype=x0.dtype)])
+    x_att = torch.cat([x_att, torch.zeros_like(x0)])
+    problem = Problem(
+        fn=fingerprint_fn(unit, atoms.numbers),
+        targets=torch.as_tensor(describe(unit, [atoms])[0])[None],
+        numbers=atoms.numbers,
+        tol=TOL,
+        species_fn=fingerprint_fn(species, atoms.numbers),
+        species_targets=torch.as_tensor(describe(species, [atoms])[0])[None],
+    )
+    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    att_rmsd = torch.tensor([math.inf if exact_open else 1e-15, 1e-3, math.inf])
+    best_x, best_w = torch.zeros(1, len(atoms), 3, dtype=x0.dtype), run.given_w[None].clone()
+    best_rmsd = torch.full((1,), math.inf, dtype=x0.dtype)
+    run.species_after(x_att, att_rmsd, torch.zeros(3, dtype=torch.long), best_x, best_w, best_rmsd)
+    assert torch.isfinite(best_rmsd[0])
+    if exact_open:
+        assert best_rmsd[0] > TOL
+        return
+    assert best_rmsd[0] < TOL
+    got = [run.element[round(float(v), 9)] for v in best_w[0]]
+    assert got == atoms.numbers.tolist()  # positions held in order, so elements in order
+    assert torch.allclose(best_x[0], x0[0], atol=1e-3)
 
 
 def test_discrete_weight_search_restores_snapped_noisy_weights():
