@@ -400,6 +400,34 @@ def test_species_after_the_rounds_weigh_every_attempts_best_positions(exact_open
     assert torch.allclose(best_x[0], x0[0], atol=1e-3)
 
 
+def test_species_polish_finishes_positions_the_species_fingerprint_sees_off():
+    # the molecule 0.002 A off, elements right: open on the species fingerprint, and a long
+    # polish against it finishes it; a row 0.5 A off (RMSD above 1e-2) is left alone
+    atoms = centred("CH3CH2OCH3")
+    unit, species = preset("milad"), preset("milad-species")
+    problem = Problem(
+        fn=fingerprint_fn(unit, atoms.numbers),
+        targets=torch.as_tensor(describe(unit, [atoms])[0])[None].repeat(2, 1),
+        numbers=atoms.numbers,
+        tol=TOL,
+        species_fn=fingerprint_fn(species, atoms.numbers),
+        species_targets=torch.as_tensor(describe(species, [atoms])[0])[None].repeat(2, 1),
+    )
+    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    x0 = torch.as_tensor(atoms.positions)[None]
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn((2, *x0.shape[1:]), generator=gen, dtype=x0.dtype)
+    x = x0 + torch.tensor([0.002, 0.5], dtype=x0.dtype)[:, None, None] * noise
+    w = torch.as_tensor(species.descriptor.weights_for(atoms.numbers))[None].repeat(2, 1)
+    tg = torch.arange(2)
+    rmsd = run.fingerprint_rmsd(x, w, tg)
+    assert TOL < rmsd[0] < 1e-2 and rmsd[1] > 1e-2
+    xp, rp = run.species_polish(x, w, rmsd, tg)
+    assert rp[0] < TOL
+    assert structure_rmsd(atoms, Atoms(atoms.numbers, positions=xp[0].numpy())) < 0.01
+    assert torch.equal(xp[1], x[1]) and rp[1] == rmsd[1]
+
+
 def test_discrete_weight_search_restores_snapped_noisy_weights():
     from types import SimpleNamespace
 

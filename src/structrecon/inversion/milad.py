@@ -1994,11 +1994,46 @@ class _Run:
         if rows.numel() == 0:
             return
         x, w, rmsd = self.species_second(x_att[rows], att_target[rows])
+        x, rmsd = self.species_polish(x, w, rmsd, att_target[rows])
         best_rmsd.fill_(math.inf)
         for a, r in enumerate(rows.tolist()):
             t = int(att_target[r])
             if rmsd[a] < best_rmsd[t]:
                 best_rmsd[t], best_x[t], best_w[t] = rmsd[a], x[a], w[a]
+
+    def species_polish(self, x, w, rmsd, tg):
+        """Two fingerprints, attempts close (RMSD < 1e-2) but open: a long polish.
+
+        Positions that meet the main fingerprint's tolerance can still sit 0.01 A off
+        along a direction it hardly sees, which the species fingerprint, weighing the
+        atoms unequally, sees more: a C9H20 of 29 atoms (QM9) came out of its rounds at
+        RMSD 1.8e-7 on the main fingerprint and 4.7e-4 on the species one, its elements
+        right.  The positions are fitted to the species fingerprint (weights held) with
+        ten times the polish steps and patience, and kept where the larger of the two
+        RMSDs falls (there: 4e-12).  Targets another attempt solved are skipped.  x [B, N,
+        3], w [B, N], rmsd [B], tg [B] -> x, rmsd.
+        """
+        s = self.s
+        solved = torch.isin(tg, tg[rmsd < self.problem.tol])  # by another attempt
+        near = torch.nonzero(~solved & (rmsd < 1e-2)).flatten()
+        if near.numel() == 0:
+            return x, rmsd
+        model2 = _model(self.spec2, s.grid)
+        xp, wp, _ = s.fit_atoms(
+            model2,
+            x[near],
+            w[near],
+            self.phi2[tg[near]],
+            kind="invariants",
+            rep=self.rep,
+            steps=10 * s.polish_steps,
+            patience=10 * s.patience,
+        )
+        rp = self.fingerprint_rmsd(xp, wp, tg[near])
+        better = rp < rmsd[near]
+        x, rmsd = x.clone(), rmsd.clone()
+        x[near[better]], rmsd[near[better]] = xp[better], rp[better]
+        return x, rmsd
 
     def composition_runs(self, t, x, w, rmsd):
         """Species fit, target t open: rerun as each of a few known compositions.
