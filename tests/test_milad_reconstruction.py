@@ -428,6 +428,41 @@ def test_species_polish_finishes_positions_the_species_fingerprint_sees_off():
     assert torch.equal(xp[1], x[1]) and rp[1] == rmsd[1]
 
 
+@pytest.mark.parametrize("open_", [True, False])
+def test_last_bonds_reads_the_elements_from_the_final_atoms(open_):
+    # propane's atoms 0.05 A off carrying C H9 O (the same total weight: C + C = H + O,
+    # a composition no molecule has); read from the graph of those atoms, the hydrogens
+    # go on the eight atoms of fewest neighbours and the refit solves it - a target
+    # marked done (the control) is left as it is
+    atoms = centred("C3H8")
+    spec = preset("milad-species")
+    fp = torch.as_tensor(describe(spec, [atoms])[0])
+    problem = Problem(
+        fn=fingerprint_fn(spec, atoms.numbers), targets=fp[None], numbers=atoms.numbers, tol=TOL
+    )
+    run = _Run(MiladReconstruction(species="fit"), problem, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.as_tensor(atoms.positions)[None]
+    x = x + 0.05 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    wrong = atoms.numbers.copy()
+    wrong[[0, 1]] = [8, 1]  # two carbons to oxygen and hydrogen
+    assert sorted(wrong) != sorted(atoms.numbers)
+    w = torch.as_tensor(spec.descriptor.weights_for(wrong))[None]
+    assert torch.isclose(w.sum(), torch.as_tensor(spec.descriptor.weights_for(atoms.numbers)).sum())
+    rmsd = run.fingerprint_rmsd(x, w, torch.arange(1))
+    assert rmsd[0] > TOL
+    best_x, best_w, best_rmsd = x.clone(), w.clone(), rmsd.clone()
+    run.last_bonds(best_x, best_w, best_rmsd, torch.tensor([not open_]))
+    if not open_:
+        assert torch.equal(best_x, x) and torch.equal(best_w, w)
+        return
+    assert best_rmsd[0] < TOL
+    got = sorted(run.element[round(float(v), 9)] for v in best_w[0])
+    assert got == sorted(atoms.numbers)
+    found = Atoms([run.element[round(float(v), 9)] for v in best_w[0]], positions=best_x[0].numpy())
+    assert structure_rmsd(atoms, found) < 0.01
+
+
 def test_discrete_weight_search_restores_snapped_noisy_weights():
     from types import SimpleNamespace
 
