@@ -945,7 +945,9 @@ class MiladReconstruction:
         the assignment that gives the heavy atoms of fewest neighbours the elements of
         lowest valence.  ``bond_lewis``: for attempts within invariant RMSD 1e-2, also
         up to this many assignments whose valences admit a Lewis structure on the
-        bonding graph (see :func:`_lewis_assignments`; 0 turns them off).
+        bonding graph (see :func:`_lewis_assignments`; 0 turns them off).  With species
+        ``fit``, targets still open after the rounds get these candidates once more,
+        read from their final atoms (see :meth:`_Run.last_bonds`).
     restrain, restrain_round : with unit weights (positions; the positions of two
         fingerprints), for molecules of H, C, N, O and F, attempts that end round
         ``restrain_round`` or a later one unsolved are also polished with chemical
