@@ -1997,7 +1997,7 @@ class _Run:
         if t_open.numel() == 0:
             return
         x, w = self.recentre(best_x[t_open]), best_w[t_open]
-        xb, wb = self.bond_candidates(x.clone(), w.clone(), x, w, t_open)
+        xb, wb = self.bond_candidates(x, w, x, w, t_open)  # it copies before it writes
         xb, wb = self.finish(xb, wb, t_open)
         rmsd = self.fingerprint_rmsd(xb, wb, t_open)
         better = rmsd < best_rmsd[t_open]
