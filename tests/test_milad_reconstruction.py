@@ -365,6 +365,21 @@ def test_species_from_a_second_fingerprint():
     assert structure_rmsd(atoms, res.atoms) < 0.1
 
 
+def two_fingerprint_run(atoms, count):
+    """A :class:`_Run` with ``count`` copies of the molecule's milad (positions) and
+    milad-species (species) fingerprints as targets."""
+    unit, species = preset("milad"), preset("milad-species")
+    problem = Problem(
+        fn=fingerprint_fn(unit, atoms.numbers),
+        targets=torch.as_tensor(describe(unit, [atoms])[0])[None].repeat(count, 1),
+        numbers=atoms.numbers,
+        tol=TOL,
+        species_fn=fingerprint_fn(species, atoms.numbers),
+        species_targets=torch.as_tensor(describe(species, [atoms])[0])[None].repeat(count, 1),
+    )
+    return _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("exact_open", [True, False])
 def test_species_after_the_rounds_weigh_every_attempts_best_positions(exact_open):
     # three attempts: the molecule's own positions, the same 0.05 A off, and one that never
@@ -372,20 +387,11 @@ def test_species_after_the_rounds_weigh_every_attempts_best_positions(exact_open
     # fingerprint for each, and the target takes the best - with the exact attempt
     # marked as never produced (the control), nothing reaches the tolerance
     atoms = centred("CH3CH2OH")
-    unit, species = preset("milad"), preset("milad-species")
     x0 = torch.as_tensor(atoms.positions)[None]
     gen = torch.Generator().manual_seed(0)
     x_att = torch.cat([x0, x0 + 0.05 * torch.randn(x0.shape, generator=gen, dtype=x0.dtype)])
     x_att = torch.cat([x_att, torch.zeros_like(x0)])
-    problem = Problem(
-        fn=fingerprint_fn(unit, atoms.numbers),
-        targets=torch.as_tensor(describe(unit, [atoms])[0])[None],
-        numbers=atoms.numbers,
-        tol=TOL,
-        species_fn=fingerprint_fn(species, atoms.numbers),
-        species_targets=torch.as_tensor(describe(species, [atoms])[0])[None],
-    )
-    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    run = two_fingerprint_run(atoms, 1)
     att_rmsd = torch.tensor([math.inf if exact_open else 1e-15, 1e-3, math.inf])
     best_x, best_w = torch.zeros(1, len(atoms), 3, dtype=x0.dtype), run.given_w[None].clone()
     best_rmsd = torch.full((1,), math.inf, dtype=x0.dtype)
@@ -404,16 +410,8 @@ def test_species_polish_finishes_positions_the_species_fingerprint_sees_off():
     # the molecule 0.002 A off, elements right: open on the species fingerprint, and a long
     # polish against it finishes it; a row 0.5 A off (RMSD above 1e-2) is left alone
     atoms = centred("CH3CH2OCH3")
-    unit, species = preset("milad"), preset("milad-species")
-    problem = Problem(
-        fn=fingerprint_fn(unit, atoms.numbers),
-        targets=torch.as_tensor(describe(unit, [atoms])[0])[None].repeat(2, 1),
-        numbers=atoms.numbers,
-        tol=TOL,
-        species_fn=fingerprint_fn(species, atoms.numbers),
-        species_targets=torch.as_tensor(describe(species, [atoms])[0])[None].repeat(2, 1),
-    )
-    run = _Run(MiladReconstruction(), problem, torch.Generator().manual_seed(0))
+    species = preset("milad-species")
+    run = two_fingerprint_run(atoms, 2)
     x0 = torch.as_tensor(atoms.positions)[None]
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn((2, *x0.shape[1:]), generator=gen, dtype=x0.dtype)
