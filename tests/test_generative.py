@@ -236,6 +236,43 @@ def test_training_reduces_losses():
         assert h["train"][-1] < 0.5 * h["train"][0] and h["validation"][-1] < h["validation"][0]
 
 
+def test_learning_rate_decays_to_the_given_factor():
+    data = synthetic(60)
+    for decay in (0.2, 1.0):  # 1.0: the control, a constant rate
+        spec = SurrogateSpec(n_features=380, epochs=7, lr=1e-3, lr_decay=decay)
+        sur = train(data, spec, seed=0, progress=False)
+        assert sur.info["final_lr"] == pytest.approx(1e-3 * decay, rel=1e-9)
+    with pytest.raises(StructreconError, match="lr_decay"):
+        SurrogateSpec(n_features=380, lr_decay=1.5)
+    with pytest.raises(StructreconError, match="validation"):
+        CVAESpec(n_features=380, keep_best=True, train_fraction=1.0)
+
+
+def test_keep_best_ends_at_the_epoch_of_lowest_validation_loss():
+    """A surrogate that overfits 20 noisy points: the last epoch is not the best one."""
+    rng = np.random.default_rng(3)
+    data = synthetic(25)
+    data.prop[:] = rng.normal(size=25)  # no relation to the fingerprints
+    _, va = split_indices(25, 0.8, 0)
+
+    def validation_mse(model):  # as history["validation"]: on the normalised property
+        norm = model.normaliser
+        pred = model.predict(data.fingerprints[va])
+        return float(((norm.y(pred) - norm.y(data.prop[va])) ** 2).mean())
+
+    kept = {}
+    for keep in (True, False):  # False: the control, the last epoch's weights
+        spec = SurrogateSpec(n_features=380, epochs=40, lr=1e-3, keep_best=keep)
+        kept[keep] = train(data, spec, seed=0, progress=False)
+    best = kept[True].info["best_epoch"]
+    hist = kept[True].history["validation"]
+    assert best == int(np.argmin(hist)) and best != len(hist) - 1
+    assert validation_mse(kept[True]) == pytest.approx(min(hist), rel=1e-4)
+    last = kept[False].history["validation"]
+    assert validation_mse(kept[False]) == pytest.approx(last[-1], rel=1e-4)
+    assert validation_mse(kept[False]) > 1.01 * validation_mse(kept[True])
+
+
 def test_surrogate_learns_linear_function():
     data = synthetic(200)
     sur = train(data, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
@@ -308,11 +345,17 @@ def test_cli_train_generate(tmp_path, capsys):
                 str(tmp_path / "s"),
                 "--epochs",
                 "2",
+                "--lr-decay",
+                "0.5",
+                "--keep-best",
                 "--no-progress",
             ]
         )
         == 0
     )
+    spec = json.loads((tmp_path / "s" / "spec.json").read_text())
+    assert (spec["model"]["lr_decay"], spec["model"]["keep_best"]) == (0.5, True)
+    assert "kept epoch" in capsys.readouterr().out
     out = tmp_path / "gen.npz"
     assert (
         main(

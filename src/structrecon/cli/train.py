@@ -19,6 +19,8 @@ SPEC_OPTIONS = {
     "latent": "latent",
     "beta": "beta",
     "prior": "prior",
+    "lr_decay": "lr_decay",
+    "keep_best": "keep_best",
 }
 
 #: defaults of ``train surrogate --per-atom`` (chosen on Pt10 EMT data, see the README)
@@ -48,6 +50,20 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, help="batch size (cvae 64, surrogate 256)")
     p.add_argument("--hidden", type=int, help="hidden width (cvae 128, surrogate 256)")
     p.add_argument("--layers", type=int, help="layers (cvae 3 hidden, surrogate 5 in all)")
+    p.add_argument(
+        "--lr-decay",
+        type=float,
+        metavar="FACTOR",
+        help="learning rate at the last epoch over the first, decaying exponentially "
+        "(default 1: constant, as the paper; the authors' code uses 0.2)",
+    )
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        default=None,
+        help="keep the weights of the epoch with the lowest validation loss, not the last "
+        "epoch's (as the authors' code)",
+    )
     p.add_argument("--latent", type=int, help="cvae latent dimension (25)")
     p.add_argument("--beta", type=float, help="cvae weight of the KL term (0.75)")
     p.add_argument(
@@ -98,15 +114,18 @@ def run(args) -> int:
     model = train(data, spec, seed=args.seed, progress=not args.no_progress)
     model.save(out)
     hist = model.history
+    last = model.info.get("best_epoch", -1)  # the epoch whose weights were kept
     line = (
         f"trained {args.kind} on {model.info['n_train']} structures "
         f"({model.info['n_validation']} for validation) for {spec.epochs} epochs in "
-        f"{model.info['seconds']:.1f} s; final loss train {hist['train'][-1]:.4g}"
+        f"{model.info['seconds']:.1f} s; "
+        + ("final" if last == -1 else f"kept epoch {last + 1} (lowest validation loss),")
+        + f" loss train {hist['train'][last]:.4g}"
     )
     if hist.get("validation"):
-        line += f", validation {hist['validation'][-1]:.4g}"
+        line += f", validation {hist['validation'][last]:.4g}"
     if hist.get("validation_mae"):
-        line += f", validation MAE {hist['validation_mae'][-1]:.4g} ({args.property})"
+        line += f", validation MAE {hist['validation_mae'][last]:.4g} ({args.property})"
     print(line)
     print(f"wrote {out / 'model.pt'}, {out / 'spec.json'}, {out / 'loss.png'}")
     return 0

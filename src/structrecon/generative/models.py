@@ -44,6 +44,14 @@ class _SpecBase:
                 f"{self.kind} spec: unknown activation '{self.activation}'; "
                 f"valid: {', '.join(ACTIVATIONS)}"
             )
+        if not (isinstance(self.lr_decay, (int, float)) and 0.0 < self.lr_decay <= 1.0):
+            raise StructreconError(f"{self.kind} spec: lr_decay must be in (0, 1]")
+        if not isinstance(self.keep_best, bool):
+            raise StructreconError(f"{self.kind} spec: keep_best must be true or false")
+        if self.keep_best and self.train_fraction >= 1.0:
+            raise StructreconError(
+                f"{self.kind} spec: keep_best needs validation data (train_fraction < 1)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-able) that :meth:`from_dict` reads back."""
@@ -81,6 +89,7 @@ class CVAESpec(_SpecBase):
     beta : weight of the Kullback-Leibler term, loss = recon + beta * KL (paper: 0.75).
     lr : Adam learning rate (paper: 1e-3).  batch_size : paper 64.  epochs : paper 2000.
     train_fraction : share of the data used for training (rest: validation; 0.8).
+    lr_decay, keep_best : see :class:`SurrogateSpec`.
     activation : hidden nonlinearity, one of ``relu``, ``leaky-relu``, ``silu``, ``tanh``.
     reconstruction : ``sum`` or ``mean`` of the squared error over the F features in the
         reconstruction term (``mean`` weighs the KL term F times more).
@@ -105,6 +114,8 @@ class CVAESpec(_SpecBase):
     activation: str = "relu"
     reconstruction: str = "sum"
     prior: str = "standard"
+    lr_decay: float = 1.0
+    keep_best: bool = False
 
     kind: ClassVar[str] = "cvae"
 
@@ -136,6 +147,11 @@ class SurrogateSpec(_SpecBase):
     weight_decay : Adam L2 weight decay (0 = none).
     train_fraction : share of the data used for training (0.8).
     activation : hidden nonlinearity.
+    lr_decay : the learning rate decays exponentially, by ``lr_decay ** (1 / epochs)``
+        after each epoch, to ``lr * lr_decay`` after the last (1 = constant, as the
+        paper's text; the authors' StructRepGen code uses 0.2).
+    keep_best : end with the weights of the epoch of lowest validation loss, not the
+        last epoch's (as the authors' code does); needs ``train_fraction`` < 1.
     per_atom : the model is one MLP applied to every atom's features [B, N, F] (``n_features``
         is then the per-atom F), whose outputs are averaged over the atoms: the additive form
         of Behler-Parrinello potentials, y = mean_i phi(G_i), for a per-atom property such
@@ -154,6 +170,8 @@ class SurrogateSpec(_SpecBase):
     train_fraction: float = 0.8
     activation: str = "relu"
     per_atom: bool = False
+    lr_decay: float = 1.0
+    keep_best: bool = False
 
     kind: ClassVar[str] = "surrogate"
 

@@ -10,8 +10,10 @@ normalisation, property name, composition, cell, pbc, training history) and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -329,6 +331,9 @@ def train(
     from the training part only.  Per epoch the mean training loss and the validation loss
     are recorded in ``history`` (for the cVAE: recon + beta KL; for the surrogate: MSE on
     the normalised property, plus the validation MAE in property units).
+    ``spec.lr_decay`` sets the exponential decay of the learning rate (``info['final_lr']``
+    is the rate after the last epoch), and with ``spec.keep_best`` the model ends with the
+    weights of the epoch of lowest validation loss (``info['best_epoch']``, from 0).
     """
     from tqdm.auto import tqdm
 
@@ -356,6 +361,8 @@ def train(
     opt = torch.optim.Adam(
         model.parameters(), lr=spec.lr, weight_decay=getattr(spec, "weight_decay", 0.0)
     )
+    decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=spec.lr_decay ** (1 / spec.epochs))
+    best_loss, best_epoch, best_state = math.inf, -1, None
     gen = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"train": [], "validation": []}
     if isinstance(model, Surrogate):
@@ -363,7 +370,7 @@ def train(
     n = len(tr)
     t0 = time.perf_counter()
     bar = tqdm(range(spec.epochs), desc=f"train {spec.kind}", disable=not progress, unit="ep")
-    for _ in bar:
+    for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen)
         total = 0.0
@@ -383,8 +390,14 @@ def train(
             if isinstance(model, Surrogate):
                 history["validation_mae"].append(float(extra) * norm.y_std)
             bar.set_postfix(train=f"{history['train'][-1]:.4g}", val=f"{float(vloss):.4g}")
+            if spec.keep_best and float(vloss) < best_loss:
+                best_loss, best_epoch = float(vloss), epoch
+                best_state = copy.deepcopy(model.state_dict())
         else:
             bar.set_postfix(train=f"{history['train'][-1]:.4g}")
+        decay.step()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     posterior = None
     if isinstance(model, CVAE):
@@ -402,6 +415,9 @@ def train(
         "n_validation": int(len(va)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    info["final_lr"] = opt.param_groups[0]["lr"]  # after the last epoch's decay step
+    if spec.keep_best:
+        info["best_epoch"] = best_epoch
     return TrainedModel(
         model=model,
         normaliser=norm,
