@@ -7,6 +7,10 @@ Writes benchmarks/results/table1.md, table1.json, table1_pca.png (PCA of full da
 training data and generated samples, as Fig. 6) and the two model directories.
 
     OMP_NUM_THREADS=1 python benchmarks/table1.py [--epochs 2000] [--beta 10]
+    OMP_NUM_THREADS=1 python benchmarks/table1.py --seeds 0 1 2 3 4 --temperature 1 0.6
+
+``--seeds`` runs each seed (its own split, judge and cVAE) and then summarises: per
+target, the share within +-0.1 over the seeds, and how many seeds clear 90% everywhere.
 """
 
 import os
@@ -151,7 +155,7 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times):
             indent=1,
         )
     )
-    return generated
+    return generated, rows
 
 
 def main():
@@ -200,6 +204,13 @@ def main():
     )
     p.add_argument("--seed", type=int, default=0, help="split, judge, cVAE and samples")
     p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="several --seed runs (each its own split, judge and cVAE), then a summary over "
+        "them: table1_summary_TAG.md/.json and table1_seeds_TAG.png",
+    )
+    p.add_argument(
         "--init-seed",
         type=int,
         help="the cVAE's initialisation, batches and samples (default: --seed); the split "
@@ -222,6 +233,8 @@ def main():
     p.add_argument("--judge-keep-best", action="store_true", help="--keep-best, for the judge")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
+    if args.seeds and args.init_seed is not None:
+        p.error("--init-seed goes with one --seed, not with --seeds")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,13 +254,23 @@ def main():
     jtag = f"_jdecay{args.judge_lr_decay:g}" if args.judge_lr_decay != 1.0 else ""
     jtag += "_jbest" if args.judge_keep_best else ""  # the judge's own options
     tag += jtag
+    data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
+    per_seed = {}
+    for seed in args.seeds or [args.seed]:
+        run = argparse.Namespace(**vars(args))
+        run.seed = seed
+        per_seed[seed] = one_seed(run, data, tag, jtag, out)
+    if args.seeds:
+        summary(args, per_seed, tag, out)
+
+
+def one_seed(args, data, tag, jtag, out):
+    """One split, judge and cVAE (args.seed): the tables per temperature -> {T: rows}."""
     if args.seed:
         tag += f"_seed{args.seed}"
     if args.init_seed is not None:
         tag += f"_init{args.init_seed}"
     init = args.init_seed = args.seed if args.init_seed is None else args.init_seed
-
-    data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
 
     def surrogate(train_fraction):
         return train(
@@ -293,9 +316,12 @@ def main():
     cvae.save(out / f"table1_cvae_{tag}")
 
     times = (t_cvae, t_sur)
+    tables = {}
     for temperature in args.temperature:
         ttag = tag if temperature == 1.0 else f"{tag}_T{temperature:g}"
-        generated = table_for(args, cvae, sur, data, err_va, temperature, ttag, out, times)
+        generated, tables[temperature] = table_for(
+            args, cvae, sur, data, err_va, temperature, ttag, out, times
+        )
         pca_figure(
             out / f"table1_pca_{ttag}.png",
             cvae.normaliser,
@@ -306,6 +332,74 @@ def main():
             [1.9, 2.8, 3.7],
         )
         print(f"wrote {out}/table1_{ttag}.md, .json, table1_pca_{ttag}.png")
+    return tables
+
+
+def summary(args, per_seed, tag, out):
+    """Per temperature: each target's share within +-0.1 over the seeds (mean, standard
+    deviation, lowest), each seed's minimum over targets, and how many seeds clear 90% at
+    every target; written as table1_summary_TAG.md/.json, plotted as table1_seeds_TAG.png."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    seeds = list(per_seed)
+    temps = list(args.temperature)
+    fig = Figure(figsize=(4.2 * len(temps), 3.6))
+    FigureCanvasAgg(fig)
+    lines = [
+        f"Table 1 over seeds {', '.join(map(str, seeds))} (each its own split, judge and "
+        f"cVAE); cVAE beta={args.beta:g}, {args.prior} prior, z from the {args.latent}; "
+        f"learning-rate decay cVAE {args.lr_decay:g}, judge {args.judge_lr_decay:g}; best "
+        f"epoch cVAE {'yes' if args.keep_best else 'no'}, judge "
+        f"{'yes' if args.judge_keep_best else 'no'}; {args.samples} samples per target.",
+    ]
+    record = {"args": vars(args), "temperatures": {}}
+    for k, temperature in enumerate(temps):
+        within = np.array([[r["within"] for r in per_seed[s][temperature]] for s in seeds])
+        minima = within.min(axis=1)
+        cleared = int((minima >= 90.0).sum())
+        lines += [
+            "",
+            f"T = {temperature:g}: within +-0.1 (%) over the seeds",
+            "",
+            "| target (eV/atom) | mean | standard deviation | lowest |",
+            "|---|---|---|---|",
+        ]
+        for j, target in enumerate(TARGETS):
+            col = within[:, j]
+            lines.append(
+                f"| {target:.1f} | {col.mean():.1f} | {col.std(ddof=1) if len(col) > 1 else 0:.1f} "
+                f"| {col.min():.1f} |"
+            )
+        lines += [
+            "",
+            "Minimum over targets per seed: "
+            + " / ".join(f"{m:.1f}" for m in minima)
+            + f"; >= 90% at every target in {cleared} of {len(seeds)} seeds.",
+        ]
+        record["temperatures"][str(temperature)] = {
+            "seeds": seeds,
+            "within": within.tolist(),
+            "minima": minima.tolist(),
+            "seeds_clearing_90": cleared,
+        }
+        ax = fig.add_subplot(1, len(temps), k + 1)
+        for row, seed in zip(within, seeds):
+            ax.plot(TARGETS, row, marker="o", ms=3, lw=0.8, label=f"seed {seed}")
+        ax.axhline(90.0, color="k", ls="--", lw=0.8)
+        ax.set_ylim(0, 101)
+        ax.set_title(f"T = {temperature:g}: {cleared} of {len(seeds)} seeds >= 90% everywhere")
+        ax.set_xlabel("target E_form (eV/atom)")
+        if k == 0:
+            ax.set_ylabel("samples within +-0.1 by the judge (%)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"table1_seeds_{tag}.png", dpi=110)
+    text = "\n".join(lines)
+    print(text)
+    (out / f"table1_summary_{tag}.md").write_text(text + "\n")
+    (out / f"table1_summary_{tag}.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}/table1_summary_{tag}.md, .json, table1_seeds_{tag}.png")
 
 
 if __name__ == "__main__":
