@@ -220,8 +220,8 @@ def main():
         "--lr-decay",
         type=float,
         default=1.0,
-        help="cVAE: learning rate at the last epoch over the first (exponential decay; 1 = "
-        "constant, the paper's text; the authors' code: 0.2)",
+        help="cVAE: decay the learning rate exponentially to this factor of the first after "
+        "the last epoch (1 = constant, the paper's text; the authors' code: 0.2)",
     )
     p.add_argument(
         "--keep-best",

@@ -54,8 +54,8 @@ def add_arguments(p):
         "--lr-decay",
         type=float,
         metavar="FACTOR",
-        help="learning rate at the last epoch over the first, decaying exponentially "
-        "(default 1: constant, as the paper; the authors' code uses 0.2)",
+        help="decay the learning rate exponentially to FACTOR times the first after the "
+        "last epoch (default 1: constant, as the paper; the authors' code uses 0.2)",
     )
     p.add_argument(
         "--keep-best",
