@@ -296,7 +296,7 @@ def one_seed(args, data, tag, jtag, out):
     if args.judge == "all":
         # same settings on all 300; its held-out accuracy is estimated by the 240 one above
         sur = surrogate(1.0)
-        sur.save(out / ("table1_surrogate_all" + (f"_seed{args.seed}" if args.seed else "")))
+        sur.save(out / ("table1_surrogate_all" + jtag + (f"_seed{args.seed}" if args.seed else "")))
     t0 = time.perf_counter()
     cvae = train(
         data,
