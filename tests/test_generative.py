@@ -303,6 +303,34 @@ def test_conditioning_moves_surrogate_prediction(pt10):
         cvae.generate(2.8, 5, temperature=0.0)
 
 
+def test_calibrate_takes_out_a_known_offset():
+    """A surrogate that reads every property 0.3 too high: calibration must decode at
+    the target - 0.3, where that surrogate's mean comes back to the target."""
+    import dataclasses
+
+    data = synthetic(300)
+    shifted = dataclasses.replace(data, prop=data.prop + 0.3)
+    cvae = train(data, CVAESpec(n_features=380, epochs=150, beta=1.0), seed=0, progress=False)
+    sur = train(shifted, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
+    raw = sur.predict(cvae.generate(0.8, 2000, seed=1)).mean()
+    assert abs(raw - 1.1) < 0.1  # the control: uncalibrated, the offset is there
+    c, info = cvae.calibrate(0.8, sur, n=2000, seed=1)
+    assert abs(c - 0.5) < 0.05 and abs(info["offset"] + 0.3) < 0.05
+    assert info["converged"] and abs(info["mean"] - 0.8) <= 0.01 * cvae.normaliser.y_std
+    assert info["steps"][0] == (0.8, pytest.approx(raw))  # it starts at the target
+    # fresh samples at c, another seed, land on the target too
+    assert abs(sur.predict(cvae.generate(c, 2000, seed=5)).mean() - 0.8) < 0.02
+    # one step only: the first secant step is kept, not converged
+    c1, info1 = cvae.calibrate(0.8, sur, n=2000, seed=1, max_steps=1)
+    assert c1 == 0.8 and not info1["converged"]
+    with pytest.raises(StructreconError, match="not a cVAE"):
+        sur.calibrate(0.8, sur)
+    with pytest.raises(StructreconError, match="needs a surrogate"):
+        cvae.calibrate(0.8, cvae)
+    with pytest.raises(StructreconError, match="tol must be > 0"):
+        cvae.calibrate(0.8, sur, tol=0.0)
+
+
 @needs_data
 def test_cli_train_generate(tmp_path, capsys):
     x, y = str(DATA / "x.csv"), str(DATA / "y.csv")
@@ -383,6 +411,15 @@ def test_cli_train_generate(tmp_path, capsys):
     assert fset.names == [f"gen_2.5_{k}" for k in range(4)]
     assert fset.fingerprints.shape == (4, 380) and np.all(fset.properties["target"] == 2.5)
     assert all(np.array_equal(n, [78] * 10) for n in fset.numbers)
+    cal = tmp_path / "cal.npz"
+    argv = ["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "4", "-o", str(cal)]
+    assert main(argv + ["--calibrate", str(tmp_path / "s"), "--calibration-samples", "50"]) == 0
+    assert "calibrated: condition" in capsys.readouterr().out
+    props = read_fingerprints(cal).properties
+    assert np.all(props["target"] == 2.5) and np.all(props["condition"] == props["condition"][0])
+    assert main(argv + ["--calibrate", str(tmp_path / "c")]) == 1  # a cVAE is no surrogate
+    assert main(argv + ["--calibrate", str(tmp_path / "s"), "--calibration-samples", "0"]) == 1
+    assert "--calibration-samples must be >= 1" in capsys.readouterr().err
     post = tmp_path / "post.npz"
     args = ["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "3", "-o", str(post)]
     assert main(args + ["--latent", "posterior", "--bandwidth", "0.1"]) == 0

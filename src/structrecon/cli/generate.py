@@ -8,6 +8,13 @@ conditioned on the target and writes a fingerprint file that 'structrecon invert
 composition and cell of the training data, names gen_Y_k and the property prop_target.
 With --surrogate, the generated fingerprints are scored by a trained surrogate: MAE to
 the target and the share within +-0.1 (property units, e.g. eV/atom).
+
+With --calibrate SURROGATE, the samples are decoded not at Y but at the condition c at
+which that surrogate puts the mean property of --calibration-samples other samples (seed
+S + 1) at Y: a cVAE's samples regress toward the middle of its training data, and this
+takes the offset out.  The file then holds the property 'condition' (c) beside
+'target' (Y).  Score with another surrogate than the one that calibrated for an
+independent check.
 """
 
 from __future__ import annotations
@@ -44,6 +51,18 @@ def add_arguments(p):
     )
     p.add_argument("--surrogate", metavar="MODEL_DIR", help="score samples with this surrogate")
     p.add_argument(
+        "--calibrate",
+        metavar="MODEL_DIR",
+        help="decode at the condition where this surrogate's mean over other samples is the target",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=2000,
+        metavar="M",
+        help="samples per calibration step (2000)",
+    )
+    p.add_argument(
         "--window", type=float, default=0.1, help="half width of the 'within' window (0.1)"
     )
 
@@ -60,17 +79,40 @@ def run(args) -> int:
         raise StructreconError(f"-n must be >= 1, got {args.n}")
     cvae = load_model(args.model, "cvae")
     surrogate = load_model(args.surrogate, "surrogate") if args.surrogate else None
-    if surrogate is not None and surrogate.per_atom:
-        raise StructreconError(
-            f"{args.surrogate} is a per-atom surrogate: it scores structures "
-            "('structrecon screen'), not generated fingerprints"
+    calibrator = load_model(args.calibrate, "surrogate") if args.calibrate else None
+    for path, model in ((args.surrogate, surrogate), (args.calibrate, calibrator)):
+        if model is not None and model.per_atom:
+            raise StructreconError(
+                f"{path} is a per-atom surrogate: it scores structures "
+                "('structrecon screen'), not generated fingerprints"
+            )
+        if model is not None and (
+            model.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
+        ):
+            raise StructreconError(f"{path} was trained on another fingerprint spec")
+    condition = args.target
+    if calibrator is not None:
+        if args.calibration_samples < 1:
+            raise StructreconError(
+                f"--calibration-samples must be >= 1, got {args.calibration_samples}"
+            )
+        condition, info = cvae.calibrate(
+            args.target,
+            calibrator,
+            n=args.calibration_samples,
+            seed=args.seed + 1,
+            temperature=args.temperature,
+            latent=args.latent,
+            bandwidth=args.bandwidth,
         )
-    if surrogate is not None and (
-        surrogate.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
-    ):
-        raise StructreconError("the surrogate was trained on another fingerprint spec")
+        print(
+            f"calibrated: condition {condition:.4g} (offset {info['offset']:+.4g}); "
+            f"{args.calibrate} puts {args.calibration_samples} samples there at mean "
+            f"{info['mean']:.4g} after {len(info['steps'])} step(s)"
+            + ("" if info["converged"] else " (not converged: the closest step is kept)")
+        )
     X = cvae.generate(
-        args.target,
+        condition,
         args.n,
         seed=args.seed,
         temperature=args.temperature,
@@ -85,7 +127,8 @@ def run(args) -> int:
         cells=np.repeat(cvae.cell[None], args.n, axis=0),
         pbc=np.repeat(cvae.pbc[None], args.n, axis=0),
         fingerprints=X,
-        properties={"target": np.full(args.n, args.target)},
+        properties={"target": np.full(args.n, args.target)}
+        | ({"condition": np.full(args.n, condition)} if calibrator is not None else {}),
     )
     fset.validate()
     output = args.output if args.output.endswith(".npz") else args.output + ".npz"
