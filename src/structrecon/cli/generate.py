@@ -11,8 +11,8 @@ the target and the share within +-0.1 (property units, e.g. eV/atom).
 
 With --calibrate SURROGATE, the samples are decoded not at Y but at the condition c at
 which that surrogate puts the mean property of --calibration-samples other samples (seed
-S + 1) at Y: a cVAE's samples regress toward the middle of its training data, and this
-takes the offset out.  The file then holds the property 'condition' (c) beside
+S + 1) at Y: a cVAE's samples miss their condition on average, and this takes the
+offset out.  The file then holds the property 'condition' (c) beside
 'target' (Y).  Score with another surrogate than the one that calibrated for an
 independent check.
 """

@@ -273,9 +273,9 @@ class TrainedModel:
     ) -> tuple[float, dict]:
         """CVAE only: the condition at which ``surrogate`` puts the samples' mean at ``target``.
 
-        A cVAE's samples at condition y miss y on average: their property regresses
-        toward the training data's middle (on the StructRepGen Pt10 data, +0.03 to +0.07
-        eV/atom at the low end, -0.02 to -0.04 at the top).  This finds the condition c
+        A cVAE's samples at condition y miss y on average (on the StructRepGen Pt10 data
+        by +0.02 to +0.07 eV/atom at 1.9 and 3.4, by -0.01 to -0.04 at 3.7, as a second
+        surrogate sees them).  This finds the condition c
         with mean(surrogate(generate(c))) = target by secant steps from c = target, on
         ``n`` samples drawn with one ``seed`` at every step (common random numbers), so
         the mean is a smooth function of c.  Sample the real fingerprints at c with
