@@ -219,3 +219,21 @@ def test_describe_help_names_every_preset():
     text = " ".join(out.split())  # argparse wraps the help text
     missing = [name for name in PRESETS if name not in text]
     assert code == 0 and not missing
+
+
+def test_describe_warns_when_a_milad_structure_reaches_beyond_the_cutoff(tmp_path, capsys):
+    """The milad preset's 5 A sphere: a chain 11.1 A long reaches beyond it (5.55 A from
+    its centroid), a 4 A one does not (the control); the fingerprints are written
+    either way."""
+    long = Atoms("C4", positions=[[0, 0, 0], [3.7, 0, 0], [7.4, 0, 0], [11.1, 0, 0]])
+    short = Atoms("C3", positions=[[0, 0, 0], [2.0, 0, 0], [4.0, 0, 0]])
+    for frames, warned in (([short], False), ([short, long], True)):
+        ase.io.write(tmp_path / "m.extxyz", frames)
+        assert (
+            main(["describe", str(tmp_path / "m.extxyz"), "-d", "milad", "-o", str(tmp_path / "m")])
+            == 0
+        )
+        err = capsys.readouterr().err
+        assert ("reach beyond the 5 A MILAD cutoff" in err) == warned, err
+        assert len(read_fingerprints(tmp_path / "m.npz").names) == len(frames)
+    assert "1 of 2 structure(s)" in err and "5.55 A" in err

@@ -71,7 +71,7 @@ class FingerprintSet:
             if len(numbers) == 0:
                 raise StructreconError(f"structure '{name}' has no composition (no atoms)")
             unknown = sorted(set(np.asarray(numbers).tolist()) - set(self.spec.species))
-            if unknown:
+            if unknown and self.spec.species:  # no species: any element (milad preset)
                 raise StructreconError(
                     f"structure '{name}' has element(s) {unknown} outside the spec's "
                     f"species {list(self.spec.species)}"

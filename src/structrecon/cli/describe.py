@@ -49,11 +49,34 @@ def run(args) -> int:
     fset.validate()
     output = args.output if args.output.endswith(".npz") else args.output + ".npz"
     write_fingerprints(output, fset)
+    _warn_beyond_cutoff(spec, frames, fset.names)
     print(
         f"wrote {len(frames)} fingerprint(s) of {fps.shape[1]} values "
         f"({spec.name or spec.descriptor.kind}) to {output}"
     )
     return 0
+
+
+def _warn_beyond_cutoff(spec, frames, names) -> None:
+    """One line on stderr when a MILAD fingerprint describes atoms beyond its cutoff."""
+    import sys
+
+    from ..descriptors import MiladSpec
+
+    milad = spec.descriptor
+    if not isinstance(milad, MiladSpec):
+        return
+    reach = [milad.reach(a.positions) for a in frames]
+    far = [k for k, r in enumerate(reach) if r > milad.cutoff]
+    if far:
+        k = max(far, key=lambda i: reach[i])
+        print(
+            f"warning: {len(far)} of {len(frames)} structure(s) reach beyond the "
+            f"{milad.cutoff:g} A MILAD cutoff (farthest: {names[k]}, {reach[k]:.2f} A); "
+            "the basis is orthonormal only inside and 'invert --method milad' assumes every "
+            "atom inside: a larger cutoff in a TOML spec holds them",
+            file=sys.stderr,
+        )
 
 
 def _scalar_properties(atoms) -> dict[str, float]:

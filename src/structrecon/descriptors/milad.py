@@ -611,6 +611,15 @@ class MiladSpec:
         table = dict(zip(self.species, self.weights))
         return np.array([table[int(z)] for z in numbers])
 
+    def reach(self, positions) -> float:
+        """The largest distance of an atom from this spec's centre, Angstrom.
+
+        ``positions`` [N, 3].  Beyond ``cutoff`` the Zernike basis is not orthonormal,
+        and reconstruction (``invert --method milad``) assumes every atom inside.
+        """
+        x = torch.as_tensor(np.asarray(positions, dtype=float))[None]
+        return float(centre_positions(x, self.centre)[0].norm(dim=-1).max())
+
     def build(self, numbers, cell=None, pbc=None):
         """See :func:`milad_fn`."""
         return milad_fn(self, numbers, cell, pbc)
