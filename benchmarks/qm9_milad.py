@@ -72,8 +72,14 @@ STRUCT_TOL = 0.1
 # -- data ------------------------------------------------------------------------------------
 
 
-def qm9_molecules(sizes, per_size, seed):
-    """``per_size`` random QM9 molecules of each size, miniball-centred ase.Atoms."""
+def qm9_molecules(sizes, per_size, seed, max_radius=None):
+    """``per_size`` random QM9 molecules of each size, miniball-centred ase.Atoms.
+
+    With ``max_radius`` (Angstrom), a drawn molecule whose smallest bounding sphere is
+    larger is replaced by the first that fits among the size's other molecules in an
+    order seeded by (seed, N, 1); the others stay the molecules drawn without it.  Its
+    ``info["replaces"]`` names the molecule it stands in for.
+    """
     import miniball
 
     spec = importlib.util.find_spec("qm9pack")  # its __init__ needs pkg_resources
@@ -91,18 +97,35 @@ def qm9_molecules(sizes, per_size, seed):
                 index, n, elements, xyz = (row[c] for c in cols)
                 if int(n) in sizes:
                     rows.setdefault(int(n), []).append((int(index), elements, xyz))
+
+    def centred(k):
+        index, elements, xyz = found[k]
+        atoms = Atoms(ast.literal_eval(elements), positions=ast.literal_eval(xyz))
+        # a fixed generator: miniball's own, seeded per process, changes the last bits
+        centre, r2 = miniball.get_bounding_ball(atoms.positions, rng=np.random.default_rng(0))
+        atoms.positions -= centre
+        atoms.info["name"] = f"qm9_{index}"
+        return atoms, np.sqrt(r2)
+
     out = []
     for n in sizes:
         found = sorted(rows.get(n, []))
         rng = np.random.default_rng([seed, n])
         pick = rng.choice(len(found), size=min(per_size, len(found)), replace=False)
+        spare = (k for k in np.random.default_rng([seed, n, 1]).permutation(len(found)))
         for k in sorted(pick):
-            index, elements, xyz = found[k]
-            atoms = Atoms(ast.literal_eval(elements), positions=ast.literal_eval(xyz))
-            # a fixed generator: miniball's own, seeded per process, changes the last bits
-            centre, _ = miniball.get_bounding_ball(atoms.positions, rng=np.random.default_rng(0))
-            atoms.positions -= centre
-            atoms.info["name"] = f"qm9_{index}"
+            atoms, radius = centred(k)
+            if max_radius is not None and radius > max_radius:
+                for j in spare:
+                    if j in pick:
+                        continue
+                    other, r_other = centred(j)
+                    if r_other <= max_radius:
+                        other.info["replaces"] = f"{atoms.info['name']} ({radius:.2f} A)"
+                        atoms = other
+                        break
+                else:
+                    sys.exit(f"error: no QM9 molecule of {n} atoms fits in {max_radius} A")
             out.append(atoms)
     return out
 
@@ -281,7 +304,14 @@ def write_report(records, args, out):
         f"Sizes {args.sizes[0]}-{args.sizes[-1]}, {args.per_size} per size, seed {args.seed}, "
         f"{args.attempts} attempts, {args.rounds} rounds, our repulsion r_min "
         f"{MOLECULAR_R_MIN if args.r_min is None else args.r_min} A, one thread.  Success: fingerprint RMSD < {TOL:g} / "
-        f"aligned RMSD < {STRUCT_TOL} A (mirror allowed; species must be right).",
+        f"aligned RMSD < {STRUCT_TOL} A (mirror allowed; species must be right)."
+        + (
+            f"  Molecules within the {args.cutoff:g} A cutoff only (--within-cutoff): "
+            + ("; ".join(args.replaced) or "none replaced")
+            + "."
+            if getattr(args, "within_cutoff", False)
+            else ""
+        ),
         "",
         "| code | mode | molecules | fp < 1e-6 | struct < 0.1 A | median s | mean s |",
         "|---|---|---|---|---|---|---|",
@@ -391,6 +421,13 @@ def main():
         "molecules reaching beyond it are described with the basis outside its ball)",
     )
     parser.add_argument(
+        "--within-cutoff",
+        action="store_true",
+        help="draw only molecules whose smallest bounding sphere fits in the cutoff (the "
+        "paper's set-up: its 5 A 'accommodate[s] the largest molecule'); a drawn molecule "
+        "reaching beyond is replaced by another of its size, the others stay the same",
+    )
+    parser.add_argument(
         "--no-restraints",
         action="store_true",
         help="our reconstruction without the chemical restraints of its last polish",
@@ -428,7 +465,14 @@ def main():
     if args.r_min is not None and not args.r_min > 0:
         parser.error(f"--r-min must be > 0, got {args.r_min}")
     args.sizes = sorted(set(args.sizes))
-    molecules = qm9_molecules(args.sizes, args.per_size, args.seed)
+    molecules = qm9_molecules(
+        args.sizes, args.per_size, args.seed, args.cutoff if args.within_cutoff else None
+    )
+    args.replaced = [
+        f"{a.info['name']} replaces {a.info['replaces']}" for a in molecules if "replaces" in a.info
+    ]
+    for line in args.replaced:
+        print(line + ", beyond the cutoff")
     print(f"{len(molecules)} molecules", flush=True)
     out = HERE / "results" / ("qm9_milad" + (f"_{args.tag}" if args.tag else ""))
     out.parent.mkdir(exist_ok=True)
