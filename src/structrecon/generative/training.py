@@ -275,12 +275,12 @@ class TrainedModel:
 
         A cVAE's samples at condition y miss y on average (on the StructRepGen Pt10 data
         by +0.02 to +0.07 eV/atom at 1.9 and 3.4, by -0.01 to -0.04 at 3.7, as a second
-        surrogate sees them).  This finds the condition c
-        with mean(surrogate(generate(c))) = target by secant steps from c = target, on
-        ``n`` samples drawn with one ``seed`` at every step (common random numbers), so
-        the mean is a smooth function of c.  Sample the real fingerprints at c with
-        another seed.  ``tol``: property units (default 1% of the training property's
-        standard deviation); c stays within 3 standard deviations of the target.
+        surrogate sees them).  This finds the condition c with mean(surrogate(generate(c)))
+        = target by secant steps from c = target, on ``n`` samples drawn with one ``seed``
+        at every step (common random numbers), so the mean is a smooth function of c.
+        Sample the real fingerprints at c with another seed.  ``tol``: property units
+        (default 1% of the training property's standard deviation); c stays within 3
+        standard deviations of the target.
 
         Returns ``(c, info)``; ``info`` has ``steps`` [(c, mean)], ``mean`` (the
         surrogate's mean at c), ``converged`` and ``offset`` (c - target).
