@@ -98,8 +98,8 @@ def qm9_molecules(sizes, per_size, seed, max_radius=None):
                 if int(n) in sizes:
                     rows.setdefault(int(n), []).append((int(index), elements, xyz))
 
-    def centred(k):
-        index, elements, xyz = found[k]
+    def centred(entry):
+        index, elements, xyz = entry
         atoms = Atoms(ast.literal_eval(elements), positions=ast.literal_eval(xyz))
         # a fixed generator: miniball's own, seeded per process, changes the last bits
         centre, r2 = miniball.get_bounding_ball(atoms.positions, rng=np.random.default_rng(0))
@@ -112,14 +112,14 @@ def qm9_molecules(sizes, per_size, seed, max_radius=None):
         found = sorted(rows.get(n, []))
         rng = np.random.default_rng([seed, n])
         pick = rng.choice(len(found), size=min(per_size, len(found)), replace=False)
-        spare = (k for k in np.random.default_rng([seed, n, 1]).permutation(len(found)))
+        spare = iter(np.random.default_rng([seed, n, 1]).permutation(len(found)))
         for k in sorted(pick):
-            atoms, radius = centred(k)
+            atoms, radius = centred(found[k])
             if max_radius is not None and radius > max_radius:
                 for j in spare:
                     if j in pick:
                         continue
-                    other, r_other = centred(j)
+                    other, r_other = centred(found[j])
                     if r_other <= max_radius:
                         other.info["replaces"] = f"{atoms.info['name']} ({radius:.2f} A)"
                         atoms = other

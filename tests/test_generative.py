@@ -320,7 +320,7 @@ def test_calibrate_takes_out_a_known_offset():
     assert info["steps"][0] == (0.8, pytest.approx(raw))  # it starts at the target
     # fresh samples at c, another seed, land on the target too
     assert abs(sur.predict(cvae.generate(c, 2000, seed=5)).mean() - 0.8) < 0.02
-    # one step only: the first secant step is kept, not converged
+    # one step only: c stays at the target, not converged
     c1, info1 = cvae.calibrate(0.8, sur, n=2000, seed=1, max_steps=1)
     assert c1 == 0.8 and not info1["converged"]
     with pytest.raises(StructreconError, match="not a cVAE"):
