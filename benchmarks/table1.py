@@ -86,6 +86,8 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times, calib
     t_cvae, t_sur = times
     init = args.init_seed  # resolved in main
     spread_data = cvae.normaliser.x(data.fingerprints).std(axis=0).mean()
+    tr, _ = split_indices(len(data.prop), 0.8, args.seed)
+    Z_train = torch.from_numpy(cvae.normaliser.x(data.fingerprints[tr]))
     rows, generated, t_gen = [], {}, 0.0
     sampling = {"temperature": temperature, "latent": args.latent, "bandwidth": args.bandwidth}
     for k, target in enumerate(TARGETS):
@@ -97,9 +99,12 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times, calib
                 calibrator,
                 n=args.calibration_samples,
                 seed=10_000 + init + k,  # not the seeds of the judged samples
+                min_share=args.min_share,
+                window=0.1,
                 **sampling,
             )
-        X = cvae.generate(condition, args.samples, seed=init + 1 + k, **sampling)
+        used = sampling | ({"temperature": info["temperature"]} if calibrator else {})
+        X = cvae.generate(condition, args.samples, seed=init + 1 + k, **used)
         t_gen += time.perf_counter() - t0
         generated[float(target)] = X
         err = np.abs(sur.predict(X) - target)
@@ -110,11 +115,18 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times, calib
             "within": float(100 * (err <= 0.1).mean()),
             "n_data_within": n_near,
             "spread": float(cvae.normaliser.x(X).std(axis=0).mean() / spread_data),
+            "nearest": float(  # median distance of 2000 samples to the nearest training one
+                torch.cdist(torch.from_numpy(cvae.normaliser.x(X[:2000])), Z_train)
+                .min(dim=1)
+                .values.median()
+            ),
         }
         if calibrator is not None:  # beside: the same z decoded at the target itself
             raw = cvae.generate(float(target), args.samples, seed=init + 1 + k, **sampling)
             row |= {
                 "condition": condition,
+                "temperature_used": info["temperature"],
+                "share_calibration": 100 * info["share"],
                 "calibration_steps": len(info["steps"]),
                 "within_raw": float(100 * (np.abs(sur.predict(raw) - target) <= 0.1).mean()),
                 "within_calibrator": float(
@@ -137,7 +149,8 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times, calib
         f"{'yes' if args.keep_best else 'no'}, judge {'yes' if args.judge_keep_best else 'no'}; "
         "one thread. "
         "Spread: mean per-feature standard deviation of the samples over that of the "
-        "300 structures (normalised features).",
+        "300 structures (normalised features); nearest: median distance of 2000 samples to "
+        "their nearest training structure (normalised features).",
     ]
     cal_head = cal_rule = ""
     if calibrator is not None:
@@ -151,20 +164,31 @@ def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times, calib
             " condition | at the target (%) | by the calibrator (%) |",
             "---|---|---|",
         )
+        if args.min_share is not None:
+            lines[0] += (
+                f" Spread calibrated too (--min-share {args.min_share:g}): the temperature, "
+                f"from {temperature:g}, is multiplied by 0.8 until the calibrator puts "
+                f"{100 * args.min_share:g}% of the calibration samples within +-0.1 "
+                "(column T); 'at the target' stays at the first temperature."
+            )
+            cal_head, cal_rule = cal_head + " T |", cal_rule + "---|"
+
     lines += [
         "",
         "| target (eV/atom) | MAE (eV/atom) | within +-0.1 (%) | paper n=300 MAE | paper n=300 % "
-        "| data within +-0.1 | spread |" + cal_head,
-        "|---|---|---|---|---|---|---|" + cal_rule,
+        "| data within +-0.1 | spread | nearest |" + cal_head,
+        "|---|---|---|---|---|---|---|---|" + cal_rule,
     ]
     for r in rows:
         pm, pw = PAPER_300[r["target"]]
         cal = ""
         if calibrator is not None:
             cal = f" {r['condition']:.3f} | {r['within_raw']:.1f} | {r['within_calibrator']:.1f} |"
+            if args.min_share is not None:
+                cal += f" {r['temperature_used']:.3g} |"
         lines.append(
             f"| {r['target']:.1f} | {r['mae']:.3f} | {r['within']:.1f} | {pm:.2f} | "
-            f"{pw:.2f} | {r['n_data_within']} | {r['spread']:.2f} |" + cal
+            f"{pw:.2f} | {r['n_data_within']} | {r['spread']:.2f} | {r['nearest']:.2f} |" + cal
         )
     worst = min(r["within"] for r in rows)
     lines.append("")
@@ -278,6 +302,12 @@ def main():
     p.add_argument(
         "--calibration-samples", type=int, default=2000, help="per calibration step (2000)"
     )
+    p.add_argument(
+        "--min-share",
+        type=float,
+        help="with --calibrate: per target, lower the temperature (x 0.8, down to 0.1) until "
+        "the calibrator puts this fraction of its samples within +-0.1 (generate --min-share)",
+    )
     p.add_argument("--judge-lr-decay", type=float, default=1.0, help="--lr-decay, for the judge")
     p.add_argument("--judge-keep-best", action="store_true", help="--keep-best, for the judge")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -286,6 +316,10 @@ def main():
         p.error("--init-seed goes with one --seed, not with --seeds (there: --init-offset)")
     if args.init_seed is not None and args.init_offset:
         p.error("give --init-seed or --init-offset, not both")
+    if args.min_share is not None and not args.calibrate:
+        p.error("--min-share goes with --calibrate")
+    if args.min_share is not None and not 0 < args.min_share <= 1:
+        p.error(f"--min-share is a fraction in (0, 1], got {args.min_share}")
     if args.calibration_samples < 1:
         p.error(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
     torch.set_num_threads(1)
@@ -309,6 +343,8 @@ def main():
     tag += jtag
     if args.calibrate:
         tag += "_cal"
+    if args.min_share is not None:
+        tag += f"_share{args.min_share:g}"
     if args.init_offset:
         tag += f"_initoff{args.init_offset}"
     data = load_training_data(DATA / "x.csv", "e_form", y_csv=DATA / "y.csv")
@@ -460,6 +496,23 @@ def summary(args, per_seed, tag, out):
                 f"{len(seeds)} seeds."
             )
             record["temperatures"][str(temperature)]["within_uncalibrated"] = raw.tolist()
+        if args.min_share is not None:  # how often the spread calibration cooled
+            used = np.array(
+                [[r["temperature_used"] for r in per_seed[s][temperature]] for s in seeds]
+            )
+            cooled = used < temperature
+            lines.append(
+                f"Spread calibration (--min-share {args.min_share:g}) cooled {int(cooled.sum())} "
+                f"of {used.size} target-runs below T = {temperature:g} (lowest T "
+                f"{used.min():.3g})."
+            )
+            record["temperatures"][str(temperature)]["temperature_used"] = used.tolist()
+        near = np.array([[r["nearest"] for r in per_seed[s][temperature]] for s in seeds])
+        lines.append(
+            "Median distance of the samples to their nearest training structure "
+            f"(normalised): {near.min():.2f}-{near.max():.2f} over targets and seeds."
+        )
+        record["temperatures"][str(temperature)]["nearest"] = near.tolist()
         ax = fig.add_subplot(1, len(temps), k + 1)
         for row, seed in zip(within, seeds):
             ax.plot(TARGETS, row, marker="o", ms=3, lw=0.8, label=f"seed {seed}")

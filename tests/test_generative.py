@@ -331,6 +331,46 @@ def test_calibrate_takes_out_a_known_offset():
         cvae.calibrate(0.8, sur, tol=0.0)
 
 
+def test_calibrate_min_share_cools_until_the_surrogate_agrees():
+    """The surrogate reads a latent direction the condition does not fix (property + 0.3
+    x the second component of the data), so at T = 1 the samples at one condition spread
+    wider than the window; min_share must lower the temperature until they do not."""
+    import dataclasses
+
+    data = synthetic(300)
+    rng = np.random.default_rng(0)  # synthetic()'s draws, in its order: y, basis, noise
+    rng.uniform(0.0, 1.0, 300), rng.normal(size=(2, 380))
+    wide = dataclasses.replace(data, prop=data.prop + 0.3 * rng.normal(size=300))
+    cvae = train(data, CVAESpec(n_features=380, epochs=150, beta=1.0), seed=0, progress=False)
+    sur = train(wide, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
+
+    def share(c, t):
+        pred = sur.predict(cvae.generate(c, 2000, seed=5, temperature=t))
+        return (np.abs(pred - 0.5) <= 0.1).mean()
+
+    c0, info0 = cvae.calibrate(0.5, sur, n=2000, seed=1)  # the mean only
+    assert info0["temperature"] == 1.0 and len(info0["rungs"]) == 1
+    assert share(c0, 1.0) < 0.7  # the control: calibrated mean, but too wide at T = 1
+    c, info = cvae.calibrate(0.5, sur, n=2000, seed=1, min_share=0.9, window=0.1)
+    temps = [r[0] for r in info["rungs"]]
+    assert info["temperature"] == temps[-1] < 1.0 and info["share"] >= 0.9
+    np.testing.assert_allclose(temps, 0.8 ** np.arange(len(temps)))
+    assert all(r[2] < 0.9 for r in info["rungs"][:-1])  # colder only while short
+    assert share(c, info["temperature"]) >= 0.88  # fresh samples agree
+    assert abs(info["mean"] - 0.5) <= 0.01 * cvae.normaliser.y_std
+    # a floor above what is needed: the best rung is kept, reported as short
+    c2, info2 = cvae.calibrate(0.5, sur, n=500, seed=1, min_share=0.9, min_temperature=0.7)
+    assert [r[0] for r in info2["rungs"]] == [1.0, 0.8] and info2["share"] < 0.9
+    for bad, match in (
+        ({"min_share": 1.5}, "min_share must be a fraction"),
+        ({"min_share": 0.9, "window": 0.0}, "window must be > 0"),
+        ({"min_share": 0.9, "cooling": 1.0}, "cooling must lie in"),
+        ({"min_share": 0.9, "min_temperature": 2.0}, "min_temperature must lie in"),
+    ):
+        with pytest.raises(StructreconError, match=match):
+            cvae.calibrate(0.5, sur, **bad)
+
+
 @needs_data
 def test_cli_train_generate(tmp_path, capsys):
     x, y = str(DATA / "x.csv"), str(DATA / "y.csv")
@@ -420,6 +460,16 @@ def test_cli_train_generate(tmp_path, capsys):
     assert main(argv + ["--calibrate", str(tmp_path / "c")]) == 1  # a cVAE is no surrogate
     assert main(argv + ["--calibrate", str(tmp_path / "s"), "--calibration-samples", "0"]) == 1
     assert "--calibration-samples must be >= 1" in capsys.readouterr().err
+    cold = ["--calibrate", str(tmp_path / "s"), "--calibration-samples", "50"]
+    assert main(argv + cold + ["--min-share", "1.0", "--window", "1e-6"]) == 0
+    out_ = capsys.readouterr().out  # nothing lands within 1e-6: every rung down to 0.1
+    assert "not reached, the best kept" in out_ and "temperature 1:" in out_
+    # every rung at a share of 0: the warmest is kept, and written with the samples
+    assert np.all(read_fingerprints(cal).properties["temperature"] == 1.0)
+    assert main(argv + ["--min-share", "0.9"]) == 1  # no calibrating surrogate
+    assert "--min-share needs --calibrate" in capsys.readouterr().err
+    assert main(argv + cold + ["--min-share", "90"]) == 1  # a fraction, not percent
+    assert "min_share must be a fraction" in capsys.readouterr().err
     post = tmp_path / "post.npz"
     args = ["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "3", "-o", str(post)]
     assert main(args + ["--latent", "posterior", "--bandwidth", "0.1"]) == 0

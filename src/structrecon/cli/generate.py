@@ -14,7 +14,10 @@ which that surrogate puts the mean property of --calibration-samples other sampl
 S + 1) at Y: a cVAE's samples miss their condition on average, and this takes the
 offset out.  The file then holds the property 'condition' (c) beside
 'target' (Y).  Score with another surrogate than the one that calibrated for an
-independent check.
+independent check.  --min-share F also calibrates the spread: while that surrogate puts
+fewer than the fraction F of those samples within +-WINDOW of Y, the temperature is
+multiplied by 0.8 and c found again (down to T = 0.1); the file then holds the
+temperature used as the property 'temperature'.
 """
 
 from __future__ import annotations
@@ -63,7 +66,17 @@ def add_arguments(p):
         help="samples per calibration step (2000)",
     )
     p.add_argument(
-        "--window", type=float, default=0.1, help="half width of the 'within' window (0.1)"
+        "--min-share",
+        type=float,
+        metavar="F",
+        help="with --calibrate: lower the temperature until the calibrating surrogate puts "
+        "this fraction of the samples within +-WINDOW of the target (e.g. 0.95)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=0.1,
+        help="half width of the 'within' window, property units (0.1)",
     )
 
 
@@ -90,7 +103,9 @@ def run(args) -> int:
             model.fingerprint_spec.to_dict() != cvae.fingerprint_spec.to_dict()
         ):
             raise StructreconError(f"{path} was trained on another fingerprint spec")
-    condition = args.target
+    condition, temperature = args.target, args.temperature
+    if args.min_share is not None and calibrator is None:
+        raise StructreconError("--min-share needs --calibrate SURROGATE_DIR")
     if calibrator is not None:
         if args.calibration_samples < 1:
             raise StructreconError(
@@ -104,18 +119,28 @@ def run(args) -> int:
             temperature=args.temperature,
             latent=args.latent,
             bandwidth=args.bandwidth,
+            min_share=args.min_share,
+            window=args.window,
+            min_temperature=min(0.1, args.temperature),
         )
+        temperature = info["temperature"]
         print(
             f"calibrated: condition {condition:.4g} (offset {info['offset']:+.4g}); "
             f"{args.calibrate} puts {args.calibration_samples} samples there at mean "
             f"{info['mean']:.4g} after {len(info['steps'])} step(s)"
             + ("" if info["converged"] else " (not converged: the closest step is kept)")
         )
+        if args.min_share is not None:
+            print(
+                f"temperature {temperature:.3g}: {100 * info['share']:.1f}% of them within "
+                f"+-{args.window:g} (asked {100 * args.min_share:g}%"
+                + (")" if info["share"] >= args.min_share else "; not reached, the best kept)")
+            )
     X = cvae.generate(
         condition,
         args.n,
         seed=args.seed,
-        temperature=args.temperature,
+        temperature=temperature,
         latent=args.latent,
         bandwidth=args.bandwidth,
     )
@@ -128,7 +153,8 @@ def run(args) -> int:
         pbc=np.repeat(cvae.pbc[None], args.n, axis=0),
         fingerprints=X,
         properties={"target": np.full(args.n, args.target)}
-        | ({"condition": np.full(args.n, condition)} if calibrator is not None else {}),
+        | ({"condition": np.full(args.n, condition)} if calibrator is not None else {})
+        | ({"temperature": np.full(args.n, temperature)} if args.min_share is not None else {}),
     )
     fset.validate()
     output = args.output if args.output.endswith(".npz") else args.output + ".npz"

@@ -270,6 +270,10 @@ class TrainedModel:
         bandwidth: float | None = None,
         tol: float | None = None,
         max_steps: int = 8,
+        min_share: float | None = None,
+        window: float = 0.1,
+        cooling: float = 0.8,
+        min_temperature: float = 0.1,
     ) -> tuple[float, dict]:
         """CVAE only: the condition at which ``surrogate`` puts the samples' mean at ``target``.
 
@@ -282,8 +286,18 @@ class TrainedModel:
         (default 1% of the training property's standard deviation); c stays within 3
         standard deviations of the target.
 
-        Returns ``(c, info)``; ``info`` has ``steps`` [(c, mean)], ``mean`` (the
-        surrogate's mean at c), ``converged`` and ``offset`` (c - target).
+        ``min_share`` (a fraction, e.g. 0.95) also calibrates the spread: while the
+        surrogate puts fewer than that share of the samples at c within +-``window`` of
+        the target, the temperature is multiplied by ``cooling`` and c found again, down
+        to ``min_temperature``.  The highest temperature that reaches the share is kept
+        (if none does, the one with the largest share).  Generate at
+        ``info["temperature"]``.
+
+        Returns ``(c, info)``; ``info`` has ``steps`` [(c, mean)] (of the kept
+        temperature), ``mean`` (the surrogate's mean at c), ``converged``, ``offset``
+        (c - target), ``temperature``, ``share`` (the surrogate's share within
+        +-``window`` at c) and ``rungs`` [(temperature, c, share)], one per temperature
+        tried.
         """
         if not isinstance(self.model, CVAE):
             raise StructreconError("this model is a surrogate, not a cVAE")
@@ -297,28 +311,60 @@ class TrainedModel:
         tol = 0.01 * y_std if tol is None else float(tol)
         if not (np.isfinite(tol) and tol > 0):
             raise StructreconError(f"tol must be > 0, got {tol}")
+        if not (np.isfinite(window) and window > 0):
+            raise StructreconError(f"window must be > 0, got {window}")
+        if min_share is not None and not 0.0 < min_share <= 1.0:
+            raise StructreconError(f"min_share must be a fraction in (0, 1], got {min_share}")
+        if not 0.0 < cooling < 1.0:
+            raise StructreconError(f"cooling must lie in (0, 1), got {cooling}")
+        if min_share is not None and not 0.0 < min_temperature <= temperature:
+            raise StructreconError(
+                f"min_temperature must lie in (0, temperature], got {min_temperature}"
+            )
         lo, hi = target - 3 * y_std, target + 3 * y_std
 
-        def mean_at(c):
-            x = self.generate(c, n, seed, temperature, latent=latent, bandwidth=bandwidth)
-            return float(surrogate.predict(x).mean())
+        def rung(t, start):
+            """Secant steps at temperature t from c = start -> (c, steps, predictions at c)."""
+            preds = {}
 
-        steps = [(float(target), mean_at(float(target)))]
-        while abs(steps[-1][1] - target) > tol and len(steps) < max_steps:
-            slope = 1.0
-            if len(steps) > 1 and steps[-1][0] != steps[-2][0]:
-                slope = (steps[-1][1] - steps[-2][1]) / (steps[-1][0] - steps[-2][0])
-                slope = min(max(slope, 0.2), 5.0)  # a noisy secant must not fling c away
-            c = float(np.clip(steps[-1][0] - (steps[-1][1] - target) / slope, lo, hi))
-            if c == steps[-1][0]:
-                break  # at the bound
-            steps.append((c, mean_at(c)))
-        c, m = min(steps, key=lambda s: abs(s[1] - target))
+            def mean_at(c):
+                x = self.generate(c, n, seed, t, latent=latent, bandwidth=bandwidth)
+                preds[c] = surrogate.predict(x)
+                return float(preds[c].mean())
+
+            steps = [(float(start), mean_at(float(start)))]
+            while abs(steps[-1][1] - target) > tol and len(steps) < max_steps:
+                slope = 1.0
+                if len(steps) > 1 and steps[-1][0] != steps[-2][0]:
+                    slope = (steps[-1][1] - steps[-2][1]) / (steps[-1][0] - steps[-2][0])
+                    slope = min(max(slope, 0.2), 5.0)  # a noisy secant must not fling c away
+                c = float(np.clip(steps[-1][0] - (steps[-1][1] - target) / slope, lo, hi))
+                if c == steps[-1][0]:
+                    break  # at the bound
+                steps.append((c, mean_at(c)))
+            c = min(steps, key=lambda s: abs(s[1] - target))[0]
+            share = float((np.abs(preds[c] - target) <= window).mean())
+            return c, steps, share
+
+        tried = []  # (temperature, c, steps, share)
+        t, start = float(temperature), float(target)
+        while True:
+            c, steps, share = rung(t, start)
+            tried.append((t, c, steps, share))
+            if min_share is None or share >= min_share or t * cooling < min_temperature:
+                break
+            t, start = t * cooling, c  # colder, from the last condition
+        reached = [r for r in tried if min_share is not None and r[3] >= min_share]
+        t, c, steps, share = reached[0] if reached else max(tried, key=lambda r: r[3])
+        m = dict(steps)[c]
         info = {
             "steps": steps,
             "mean": m,
             "converged": abs(m - target) <= tol,
             "offset": c - float(target),
+            "temperature": t,
+            "share": share,
+            "rungs": [(r[0], r[1], r[3]) for r in tried],
         }
         return c, info
 
