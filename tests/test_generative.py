@@ -323,6 +323,12 @@ def test_calibrate_takes_out_a_known_offset():
     # one step only: c stays at the target, not converged
     c1, info1 = cvae.calibrate(0.8, sur, n=2000, seed=1, max_steps=1)
     assert c1 == 0.8 and not info1["converged"]
+    # a committee with a surrogate that reads the property as it is: half the offset
+    plain = train(data, SurrogateSpec(n_features=380, epochs=150), seed=0, progress=False)
+    c2, info2 = cvae.calibrate(0.8, [sur, plain], n=2000, seed=1)
+    assert abs(c2 - 0.65) < 0.05 and info2["converged"]
+    with pytest.raises(StructreconError, match="at least one surrogate"):
+        cvae.calibrate(0.8, [])
     with pytest.raises(StructreconError, match="not a cVAE"):
         sur.calibrate(0.8, sur)
     with pytest.raises(StructreconError, match="needs a surrogate"):
@@ -469,6 +475,9 @@ def test_cli_train_generate(tmp_path, capsys):
     assert main(argv + ["--min-share", "0.9"]) == 1  # no calibrating surrogate
     assert "--min-share needs --calibrate" in capsys.readouterr().err
     assert main(argv + cold + ["--min-share", "90"]) == 1  # a fraction, not percent
+    two = ["--calibrate", str(tmp_path / "s"), str(tmp_path / "s"), "--calibration-samples", "50"]
+    assert main(argv + two) == 0  # a committee (here twice the same surrogate)
+    assert read_fingerprints(cal).properties["condition"][0] == props["condition"][0]
     assert "min_share must be a fraction" in capsys.readouterr().err
     post = tmp_path / "post.npz"
     args = ["generate", str(tmp_path / "c"), "--target", "2.5", "-n", "3", "-o", str(post)]

@@ -9,15 +9,15 @@ composition and cell of the training data, names gen_Y_k and the property prop_t
 With --surrogate, the generated fingerprints are scored by a trained surrogate: MAE to
 the target and the share within +-0.1 (property units, e.g. eV/atom).
 
-With --calibrate SURROGATE, the samples are decoded not at Y but at the condition c at
-which that surrogate puts the mean property of --calibration-samples other samples (seed
-S + 1) at Y: a cVAE's samples miss their condition on average, and this takes the
-offset out.  The file then holds the property 'condition' (c) beside
-'target' (Y).  Score with another surrogate than the one that calibrated for an
-independent check.  --min-share F also calibrates the spread: while that surrogate puts
-fewer than the fraction F of those samples within +-WINDOW of Y, the temperature is
-multiplied by 0.8 and c found again (down to T = 0.1); the file then holds the
-temperature used as the property 'temperature'.
+With --calibrate SURROGATE [SURROGATE ...], the samples are decoded not at Y but at the
+condition c at which that surrogate (several: the mean of their predictions) puts the
+mean property of --calibration-samples other samples (seed S + 1) at Y: a cVAE's samples
+miss their condition on average, and this takes the offset out.  The file then holds the
+property 'condition' (c) beside 'target' (Y).  Score with another surrogate than the one
+that calibrated for an independent check.  --min-share F also calibrates the spread:
+while that surrogate (any one of several) puts fewer than the fraction F of those samples
+within +-WINDOW of Y, the temperature is multiplied by 0.8 and c found again (down to
+T = 0.1); the file then holds the temperature used as the property 'temperature'.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def add_arguments(p):
     p.add_argument(
         "--calibrate",
         metavar="MODEL_DIR",
-        help="decode at the condition where this surrogate's mean over other samples is the target",
+        nargs="+",
+        help="decode at the condition where this surrogate's mean over other samples is the "
+        "target; several: a committee, calibrated on the mean of their predictions",
     )
     p.add_argument(
         "--calibration-samples",
@@ -92,8 +94,9 @@ def run(args) -> int:
         raise StructreconError(f"-n must be >= 1, got {args.n}")
     cvae = load_model(args.model, "cvae")
     surrogate = load_model(args.surrogate, "surrogate") if args.surrogate else None
-    calibrator = load_model(args.calibrate, "surrogate") if args.calibrate else None
-    for path, model in ((args.surrogate, surrogate), (args.calibrate, calibrator)):
+    calibrators = [load_model(d, "surrogate") for d in args.calibrate or []]
+    calibrator = calibrators or None
+    for path, model in [(args.surrogate, surrogate), *zip(args.calibrate or [], calibrators)]:
         if model is not None and model.per_atom:
             raise StructreconError(
                 f"{path} is a per-atom surrogate: it scores structures "
@@ -126,7 +129,7 @@ def run(args) -> int:
         temperature = info["temperature"]
         print(
             f"calibrated: condition {condition:.4g} (offset {info['offset']:+.4g}); "
-            f"{args.calibrate} puts {args.calibration_samples} samples there at mean "
+            f"{' + '.join(args.calibrate)} put(s) {args.calibration_samples} samples there at mean "
             f"{info['mean']:.4g} after {len(info['steps'])} step(s)"
             + ("" if info["converged"] else " (not converged: the closest step is kept)")
         )

@@ -261,7 +261,7 @@ class TrainedModel:
     def calibrate(
         self,
         target: float,
-        surrogate: TrainedModel,
+        surrogate: TrainedModel | list[TrainedModel],
         *,
         n: int = 2000,
         seed: int | None = 1,
@@ -284,27 +284,33 @@ class TrainedModel:
         at every step (common random numbers), so the mean is a smooth function of c.
         Sample the real fingerprints at c with another seed.  ``tol``: property units
         (default 1% of the training property's standard deviation); c stays within 3
-        standard deviations of the target.
+        standard deviations of the target.  ``surrogate`` may be a list (a committee,
+        e.g. one architecture from several initialisations): the mean is then that of
+        the members' mean prediction.
 
         ``min_share`` (a fraction, e.g. 0.95) also calibrates the spread: while the
-        surrogate puts fewer than that share of the samples at c within +-``window`` of
-        the target, the temperature is multiplied by ``cooling`` and c found again, down
-        to ``min_temperature``.  The highest temperature that reaches the share is kept
-        (if none does, the one with the largest share).  Generate at
-        ``info["temperature"]``.
+        surrogate (any member of a committee) puts fewer than that share of the samples
+        at c within +-``window`` of the target, the temperature is multiplied by
+        ``cooling`` and c found again, down to ``min_temperature``.  The highest
+        temperature that reaches the share is kept (if none does, the one with the
+        largest share).  Generate at ``info["temperature"]``.
 
         Returns ``(c, info)``; ``info`` has ``steps`` [(c, mean)] (of the kept
         temperature), ``mean`` (the surrogate's mean at c), ``converged``, ``offset``
         (c - target), ``temperature``, ``share`` (the surrogate's share within
-        +-``window`` at c) and ``rungs`` [(temperature, c, share)], one per temperature
-        tried.
+        +-``window`` at c; of a committee, its least agreeing member's) and ``rungs``
+        [(temperature, c, share)], one per temperature tried.
         """
         if not isinstance(self.model, CVAE):
             raise StructreconError("this model is a surrogate, not a cVAE")
-        if not isinstance(surrogate.model, Surrogate) or surrogate.per_atom:
-            raise StructreconError("calibration needs a surrogate over pooled fingerprints")
-        if surrogate.fingerprint_spec.to_dict() != self.fingerprint_spec.to_dict():
-            raise StructreconError("the surrogate was trained on another fingerprint spec")
+        members = list(surrogate) if isinstance(surrogate, (list, tuple)) else [surrogate]
+        if not members:
+            raise StructreconError("calibration needs at least one surrogate")
+        for member in members:
+            if not isinstance(member.model, Surrogate) or member.per_atom:
+                raise StructreconError("calibration needs a surrogate over pooled fingerprints")
+            if member.fingerprint_spec.to_dict() != self.fingerprint_spec.to_dict():
+                raise StructreconError("the surrogate was trained on another fingerprint spec")
         if max_steps < 1:
             raise StructreconError(f"max_steps must be >= 1, got {max_steps}")
         y_std = self.normaliser.y_std
@@ -329,7 +335,7 @@ class TrainedModel:
 
             def mean_at(c):
                 x = self.generate(c, n, seed, t, latent=latent, bandwidth=bandwidth)
-                preds[c] = surrogate.predict(x)
+                preds[c] = np.stack([member.predict(x) for member in members])
                 return float(preds[c].mean())
 
             steps = [(float(start), mean_at(float(start)))]
@@ -343,7 +349,7 @@ class TrainedModel:
                     break  # at the bound
                 steps.append((c, mean_at(c)))
             c = min(steps, key=lambda s: abs(s[1] - target))[0]
-            share = float((np.abs(preds[c] - target) <= window).mean())
+            share = float((np.abs(preds[c] - target) <= window).mean(axis=1).min())
             return c, steps, share
 
         tried = []  # (temperature, c, steps, share)
