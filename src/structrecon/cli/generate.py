@@ -127,9 +127,10 @@ def run(args) -> int:
             min_temperature=min(0.1, args.temperature),
         )
         temperature = info["temperature"]
+        who = args.calibrate[0] if len(args.calibrate) == 1 else f"{len(args.calibrate)} surrogates"
         print(
             f"calibrated: condition {condition:.4g} (offset {info['offset']:+.4g}); "
-            f"{' + '.join(args.calibrate)} put(s) {args.calibration_samples} samples there at mean "
+            f"{who} put(s) {args.calibration_samples} samples there at mean "
             f"{info['mean']:.4g} after {len(info['steps'])} step(s)"
             + ("" if info["converged"] else " (not converged: the closest step is kept)")
         )
