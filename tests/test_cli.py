@@ -206,6 +206,22 @@ def test_debug_shows_the_traceback(tmp_path):
     assert code != 0 and "Traceback" in err
 
 
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """'structrecon validate ... | head -1': the reader closes the pipe after one line of
+    the per-structure table; the command stops with 141 (128 + SIGPIPE) and no
+    'unexpected error' line."""
+    ase.io.write(tmp_path / "a.xyz", [Atoms("Pt2", positions=[[0, 0, 0], [2.5, 0, 0]])] * 3000)
+    argv = [sys.executable, "-m", "structrecon.cli", "validate", str(tmp_path / "a.xyz")]
+    argv += ["--calculator", "emt", "--target", "1.0"]
+    reader = "import sys; sys.stdin.readline()"  # one line, then exit: the pipe closes
+    cmd = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    subprocess.run([sys.executable, "-c", reader], stdin=cmd.stdout, check=True)
+    cmd.stdout.close()
+    with cmd.stderr:
+        err = cmd.stderr.read().decode()
+    assert cmd.wait() == 141 and "error" not in err, err
+
+
 def test_help_documents_every_command():
     for cmd in ["describe", "invert", "compare", "demo", "train", "generate", "screen", "validate"]:
         code, out, _ = run_cli(cmd, "--help")

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    """Entry point; returns the exit code.
+
+    0 ok, 1 error, 2 usage, 130 interrupted, 141 the reader of the output went away.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -68,6 +71,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"structrecon {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. '| head'): stop without a word
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except Exception as err:  # noqa: BLE001 - last resort: one line, unless --debug
         if args.debug:
             raise
