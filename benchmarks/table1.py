@@ -80,10 +80,10 @@ def pca_figure(path, norm, X_full, train_idx, y_full, generated, panels):
 
 def table_for(args, cvae, sur, data, err_va, temperature, tag, out, times, calibrator=None):
     """Samples per target at one latent temperature, judged by the surrogate; writes
-    table1_TAG.md/.json and returns {target: samples}.  With a ``calibrator`` (another
-    surrogate, or a list of them), the samples are decoded at the condition where the
-    calibrator's mean is
-    the target (``TrainedModel.calibrate``), and the share at the target itself is kept beside."""
+    table1_TAG.md/.json and returns {target: samples}.  With a ``calibrator`` (a list of
+    other surrogates), the samples are decoded at the condition where the calibrator's
+    mean is the target (``TrainedModel.calibrate``), and the share at the target itself
+    is kept beside."""
     t_cvae, t_sur = times
     init = args.init_seed  # resolved in main
     spread_data = cvae.normaliser.x(data.fingerprints).std(axis=0).mean()

@@ -95,7 +95,6 @@ def run(args) -> int:
     cvae = load_model(args.model, "cvae")
     surrogate = load_model(args.surrogate, "surrogate") if args.surrogate else None
     calibrators = [load_model(d, "surrogate") for d in args.calibrate or []]
-    calibrator = calibrators or None
     for path, model in [(args.surrogate, surrogate), *zip(args.calibrate or [], calibrators)]:
         if model is not None and model.per_atom:
             raise StructreconError(
@@ -107,16 +106,16 @@ def run(args) -> int:
         ):
             raise StructreconError(f"{path} was trained on another fingerprint spec")
     condition, temperature = args.target, args.temperature
-    if args.min_share is not None and calibrator is None:
+    if args.min_share is not None and not calibrators:
         raise StructreconError("--min-share needs --calibrate SURROGATE_DIR")
-    if calibrator is not None:
+    if calibrators:
         if args.calibration_samples < 1:
             raise StructreconError(
                 f"--calibration-samples must be >= 1, got {args.calibration_samples}"
             )
         condition, info = cvae.calibrate(
             args.target,
-            calibrator,
+            calibrators,
             n=args.calibration_samples,
             seed=args.seed + 1,
             temperature=args.temperature,
@@ -157,7 +156,7 @@ def run(args) -> int:
         pbc=np.repeat(cvae.pbc[None], args.n, axis=0),
         fingerprints=X,
         properties={"target": np.full(args.n, args.target)}
-        | ({"condition": np.full(args.n, condition)} if calibrator is not None else {})
+        | ({"condition": np.full(args.n, condition)} if calibrators else {})
         | ({"temperature": np.full(args.n, temperature)} if args.min_share is not None else {}),
     )
     fset.validate()
